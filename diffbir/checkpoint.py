@@ -1,0 +1,142 @@
+"""Reading, checking and writing weight files (official ``.ckpt``/``.pth``/``.pt`` and ``.safetensors``).
+
+Every pickle-based file is read with ``torch.load(weights_only=True)``: a file that would need to
+run code to unpickle is refused with a :class:`CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+_WRAPPER_KEYS = ("state_dict", "params_ema", "params", "model")
+_SHOWN = 5
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be read or does not fit the model it is loaded into."""
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """A weight file that is not where it was looked for."""
+
+
+def _strip_module_prefix(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module.") :]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def _unwrap(obj: object, source: str) -> dict[str, Tensor]:
+    while isinstance(obj, Mapping) and not _is_tensor_dict(obj):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+        if inner is None:
+            raise CheckpointError(
+                f"{source}: expected a state dict of tensors (optionally under one of "
+                f"{list(_WRAPPER_KEYS)}), found keys {sorted(obj)[:_SHOWN]}"
+            )
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source}: expected a state dict, found {type(obj).__name__}")
+    return _strip_module_prefix(obj)
+
+
+def _is_tensor_dict(obj: Mapping) -> bool:
+    return len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a weight file into a flat ``{key: tensor}`` dict on the CPU.
+
+    Unwraps ``{"state_dict": ...}`` style containers and strips a ``module.`` prefix that every
+    key carries (DataParallel/DDP files).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"weight file not found: {path.resolve()}")
+    source = str(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return _strip_module_prefix(load_file(str(path), device="cpu"))
+        except Exception as err:  # safetensors raises its own error types
+            raise CheckpointError(f"{source}: not a readable safetensors file ({err})") from err
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"{source}: cannot be loaded safely with torch.load(weights_only=True): {err}"
+        ) from err
+    return _unwrap(obj, source)
+
+
+def sub_state_dict(sd: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """Entries whose key starts with ``prefix``, with the prefix removed."""
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = ", ".join(items[:_SHOWN])
+    more = f", ... ({len(items) - _SHOWN} more)" if len(items) > _SHOWN else ""
+    return f"\n  {len(items)} {title}: {shown}{more}"
+
+
+def load_weights(
+    module: nn.Module,
+    sd: Mapping[str, Tensor],
+    source: str,
+    *,
+    ignore_prefixes: Iterable[str] = (),
+) -> None:
+    """Copy ``sd`` into ``module`` strictly, with an error that says exactly what does not fit.
+
+    Missing keys that name buffers of ``module`` are allowed: such buffers are derived at
+    construction (e.g. attention masks and index tables) and official files may or may not hold them.
+    """
+    ignore = tuple(ignore_prefixes)
+    sd = {k: v for k, v in sd.items() if not (ignore and k.startswith(ignore))}
+    own = module.state_dict()
+    buffers = {name for name, _ in module.named_buffers()}
+    missing = [k for k in own if k not in sd and k not in buffers]
+    unexpected = [k for k in sd if k not in own]
+    misshaped = [
+        f"{k} (file {tuple(sd[k].shape)}, model {tuple(own[k].shape)})"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
+    if missing or unexpected or misshaped:
+        msg = f"{source}: weights do not fit {type(module).__name__}"
+        if missing:
+            msg += _listing("missing keys", missing)
+        if unexpected:
+            msg += _listing("unexpected keys", unexpected)
+        if misshaped:
+            msg += _listing("keys with a different shape", misshaped)
+        raise CheckpointError(msg)
+    module.load_state_dict(sd, strict=False)
+
+
+def save_state_dict(sd: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """Write a flat state dict atomically: ``.safetensors`` or a torch file (``.pth``/``.pt``/``.ckpt``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(tensors, tmp)
+        else:
+            torch.save(tensors, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
