@@ -1,4 +1,4 @@
-"""Reading, checking and writing weight files (official ``.ckpt``/``.pth``/``.pt`` and ``.safetensors``).
+"""Reading, checking and writing weight files (``.ckpt``/``.pth``/``.pt`` and ``.safetensors``).
 
 Every pickle-based file is read with ``torch.load(weights_only=True)``: a file that would need to
 run code to unpickle is refused with a :class:`CheckpointError`.
@@ -34,7 +34,9 @@ def _strip_module_prefix(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def _unwrap(obj: object, source: str) -> dict[str, Tensor]:
     while isinstance(obj, Mapping) and not _is_tensor_dict(obj):
-        inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+        inner = next(
+            (obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None
+        )
         if inner is None:
             raise CheckpointError(
                 f"{source}: expected a state dict of tensors (optionally under one of "
@@ -97,7 +99,7 @@ def load_weights(
     """Copy ``sd`` into ``module`` strictly, with an error that says exactly what does not fit.
 
     Missing keys that name buffers of ``module`` are allowed: such buffers are derived at
-    construction (e.g. attention masks and index tables) and official files may or may not hold them.
+    construction (e.g. attention masks and index tables); official files may or may not hold them.
     """
     ignore = tuple(ignore_prefixes)
     sd = {k: v for k, v in sd.items() if not (ignore and k.startswith(ignore))}
@@ -123,7 +125,7 @@ def load_weights(
 
 
 def save_state_dict(sd: Mapping[str, Tensor], path: str | os.PathLike) -> None:
-    """Write a flat state dict atomically: ``.safetensors`` or a torch file (``.pth``/``.pt``/``.ckpt``)."""
+    """Write a flat state dict atomically as ``.safetensors`` or a torch file (``.pth``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}

@@ -61,6 +61,8 @@ def build_model(cfg: DictConfig | dict[str, Any] | str | os.PathLike) -> nn.Modu
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     if "name" not in cfg:
-        raise ValueError(f"model config needs a 'name' key (one of the registry names), got {sorted(cfg)}")
+        raise ValueError(
+            f"model config needs a 'name' key (one of the registry names), got {sorted(cfg)}"
+        )
     params = cfg.get("params") or {}
     return model_class(cfg["name"])(**params)
