@@ -17,6 +17,7 @@ MODEL_REGISTRY: dict[str, str] = {
     "swinir": "diffbir.models.swinir:SwinIR",
     "bsrnet": "diffbir.models.bsrnet:RRDBNet",
     "scunet": "diffbir.models.scunet:SCUNet",
+    "control_ldm_ablation": "diffbir.models.ablation:AblationControlLDM",
 }
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from diffbir.models.unet import UNet, UNetEncoder
+from diffbir.models.unet import UNet, UNetEncoder, channels_last, conv_weights_channels_last
 
 
 def zero_conv(channels: int) -> nn.Sequential:
@@ -50,10 +50,11 @@ class IRControlNet(UNetEncoder):
         self.in_channels = in_channels
         self.zero_convs = nn.ModuleList(zero_conv(ch) for ch in self.skip_channels)
         self.middle_block_out = zero_conv(self.skip_channels[-1])
+        conv_weights_channels_last(self)
 
     def forward(self, x: Tensor, hint: Tensor, t: Tensor, context: Tensor) -> list[Tensor]:
         emb = self.embed_time(t, x.dtype)
-        h = torch.cat([x, hint.to(x.dtype)], dim=1)
+        h = channels_last(torch.cat([x, hint.to(x.dtype)], dim=1))
         controls = []
         for block, zero in zip(self.input_blocks, self.zero_convs, strict=True):
             h = self.run(block, h, emb, context)

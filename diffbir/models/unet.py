@@ -18,6 +18,18 @@ from diffbir.models.attention import SpatialTransformer
 from diffbir.models.norm import GroupNorm32
 
 
+def channels_last(x: Tensor) -> Tensor:
+    """``x`` in NHWC memory order: faster convolutions, and the token reshapes of the
+    transformers become views instead of copies."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def conv_weights_channels_last(module: nn.Module) -> None:
+    """Store the 4-D (conv) weights of ``module`` in NHWC order, as the activations, so that
+    convolutions do not reorder their weights on every call (state-dict keys are unchanged)."""
+    module.to(memory_format=torch.channels_last)
+
+
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding ``cat([cos(t f), sin(t f)])`` with ``f_i = max_period^(-i/half)``."""
     half = dim // 2
@@ -208,12 +220,13 @@ class UNet(UNetEncoder):
         self.out = nn.Sequential(
             GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1)
         )
+        conv_weights_channels_last(self)
 
     def forward(
         self, x: Tensor, t: Tensor, context: Tensor, control: Sequence[Tensor] | None = None
     ) -> Tensor:
         emb = self.embed_time(t, x.dtype)
-        h, skips = x, []
+        h, skips = channels_last(x), []
         for block in self.input_blocks:
             h = self.run(block, h, emb, context)
             skips.append(h)
@@ -228,4 +241,4 @@ class UNet(UNetEncoder):
             skips = [s + c for s, c in zip(skips, control, strict=True)]
         for block in self.output_blocks:
             h = self.run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out(h)
+        return self.out(h).contiguous()

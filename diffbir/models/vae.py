@@ -10,6 +10,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from diffbir.models.norm import GroupNorm32
+from diffbir.models.unet import channels_last, conv_weights_channels_last
 
 
 def _norm(channels: int) -> GroupNorm32:
@@ -136,10 +137,10 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_in(x)
+        h = self.conv_in(channels_last(x))
         for level in self.down:
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        return self.conv_out(F.silu(self.norm_out(self.mid(h)))).contiguous()
 
 
 class Decoder(nn.Module):
@@ -165,10 +166,10 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
-        h = self.mid(self.conv_in(z))
+        h = self.mid(self.conv_in(channels_last(z)))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()
 
 
 class AutoencoderKL(nn.Module):
@@ -190,6 +191,7 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.downscale = 2 ** (len(ch_mult) - 1)
+        conv_weights_channels_last(self)
 
     def encode(self, x: Tensor) -> Tensor:
         """Posterior moments ``cat(mean, logvar)`` of image ``x`` in [-1, 1]."""

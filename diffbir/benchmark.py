@@ -1,0 +1,294 @@
+"""Speed and memory benchmark of the two-stage pipeline with random weights.
+
+Times stage 1, VAE encode, one CFG sampling step of UNet + IRControlNet (cond and uncond in one
+batched forward), VAE decode and one whole image; counts the step's FLOPs with torch's
+``FlopCounterMode`` and compares the step's FLOP rate with this machine's matmul rate in the
+same precision, measured in the same run. That ratio is comparable across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffbir.config import build_model, load_config
+from diffbir.diffusion import cfg_denoiser
+from diffbir.pipeline import (
+    DEFAULT_NEG_PROMPT,
+    RestoreOptions,
+    Restorer,
+    Stage1,
+    resolve_device,
+)
+from diffbir.pipeline.restorer import PRECISIONS
+
+STAGE1_UPSCALE = {"bsrnet": 4, "swinir": 1, "scunet": 1}
+PARTS = ("stage1", "encode", "step", "decode", "image")
+# Stop repeating a measurement once this many seconds were spent on it (after one repeat).
+TIME_BUDGET_S = 120.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _progress(part: str) -> None:
+    print(f"benchmark: timing {part} ...", file=sys.stderr, flush=True)
+
+
+def time_fn(
+    fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
+) -> tuple[float, list[float]]:
+    """Median and all wall times (s) of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    for _ in range(max(1, repeats)):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        if sum(times) > TIME_BUDGET_S:
+            break
+    return statistics.median(times), times
+
+
+def matmul_rate(size: int, dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
+    """Best FLOP/s of a ``size`` x ``size`` matmul (2 n^3 FLOPs) over ``repeats`` calls."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    _, times = time_fn(lambda: a @ b, device, repeats, warmup=1)
+    return 2 * size**3 / min(times)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated CUDA memory, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+
+
+def build_models(config: str, stage1: str) -> tuple[torch.nn.Module, Stage1]:
+    """Random-weight ControlLDM and stage-1 model of the tiny or full-size configs."""
+    suffix = "_tiny" if config == "tiny" else ""
+    cldm = build_model(load_config(f"control_ldm{suffix}"))
+    model = build_model(load_config(f"{stage1}{suffix}"))
+    resize_first = stage1 != "bsrnet"
+    return cldm, Stage1(
+        model, resize_first=resize_first, pad_multiple=64 if stage1 == "swinir" else 1
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="benchmark", description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=512, help="output image side (multiple of 64)")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    p.add_argument("--config", choices=("tiny", "full"), default="full")
+    p.add_argument("--stage1", choices=sorted(STAGE1_UPSCALE), default="bsrnet")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--steps", type=int, default=2, help="sampling steps of the whole image")
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
+    p.add_argument("--image-repeats", type=int, default=1, help="timed whole-image runs")
+    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated subset of {','.join(PARTS)} to time",
+    )
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.size <= 0 or args.size % 64:
+        p.error(f"--size: expected a positive multiple of 64, got {args.size}")
+    if args.steps < 2:
+        p.error(f"--steps: expected >= 2, got {args.steps}")
+    if args.repeats < 1 or args.warmup < 0 or args.image_repeats < 1:
+        p.error("--repeats and --image-repeats must be >= 1, --warmup >= 0")
+    parts = [part.strip() for part in args.parts.split(",") if part.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        p.error(f"--parts: expected a subset of {','.join(PARTS)}, got {args.parts!r}")
+    args.parts = parts
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark described by ``args``; returns the results as a flat dict."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = PRECISIONS[args.precision]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    cldm, stage1 = build_models(args.config, args.stage1)
+    restorer = Restorer(cldm, stage1, device=device, dtype=dtype)
+    upscale = STAGE1_UPSCALE[args.stage1]
+    size, latent = args.size, args.size // 8
+    gen = torch.Generator().manual_seed(0)
+    lq = torch.rand(1, 3, size // upscale, size // upscale, generator=gen).to(device)
+    image = torch.rand(1, 3, size, size, generator=gen).to(device)
+    options = RestoreOptions(
+        upscale=upscale, steps=args.steps, cfg_scale=args.cfg_scale, min_side=0
+    )
+    results: dict[str, Any] = {
+        "config": args.config,
+        "stage1": args.stage1,
+        "size": size,
+        "latent": latent,
+        "precision": args.precision,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "steps": args.steps,
+    }
+    timed = {"repeats": args.repeats, "warmup": args.warmup, "device": device}
+    with torch.inference_mode():
+        # Without the encode part, the step and the decoder run on a random latent.
+        shape = (1, cldm.unet.out[-1].out_channels, latent, latent)
+        z = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        if "stage1" in args.parts:
+            _progress("stage 1")
+            results["stage1_s"], _ = time_fn(lambda: restorer.stage1(lq, options), **timed)
+        if "encode" in args.parts:
+            _progress("VAE encode")
+            x = (image * 2 - 1).to(dtype)
+            results["vae_encode_s"], _ = time_fn(lambda: cldm.vae_encode(x), **timed)
+            z = cldm.vae_encode(x)
+        if "step" in args.parts:
+            _progress("sampling step")
+            results.update(_bench_step(cldm, z, dtype, args.cfg_scale, timed))
+        # Measured right after the step, so that both see the same machine load.
+        _progress("matmul")
+        rate = matmul_rate(args.matmul_size, dtype, device)
+        if "decode" in args.parts:
+            _progress("VAE decode")
+            results["vae_decode_s"], _ = time_fn(lambda: cldm.vae_decode(z), **timed)
+        if "image" in args.parts:
+            _progress("whole image")
+            results["image_s"], _ = time_fn(
+                lambda: restorer.restore(lq, [[0]], options),
+                device=device,
+                repeats=args.image_repeats,
+                warmup=0,
+            )
+        results["peak_memory_bytes"] = peak_memory_bytes(device)
+    results["matmul_size"] = args.matmul_size
+    results["matmul_flops_per_s"] = rate
+    if "step_s" in results:
+        flops = count_step_flops(args.config, latent, cfg=args.cfg_scale != 1)
+        results["step_flops"] = flops
+        results["step_flops_per_s"] = flops / results["step_s"]
+        results["step_over_matmul"] = results["step_flops_per_s"] / rate
+    return results
+
+
+def count_step_flops(config: str, latent: int, cfg: bool = True) -> int:
+    """FLOPs of one UNet + IRControlNet forward at ``latent`` x ``latent`` (batch 2 with CFG).
+
+    Counted on the ``meta`` device (no memory, no time, the same in every precision), where
+    attention runs as two batched matmuls that FlopCounterMode counts; the fused CPU attention
+    kernel has no FLOP formula and would count as zero. Convs, linears and attention matmuls
+    count 2 FLOPs per multiply-add; norms, activations and softmax count nothing.
+    """
+    suffix = "_tiny" if config == "tiny" else ""
+    with torch.device("meta"):
+        cldm = build_model(load_config(f"control_ldm{suffix}"))
+        batch = 2 if cfg else 1
+        x = torch.empty(batch, cldm.unet.out[-1].out_channels, latent, latent)
+        context = torch.empty(batch, 77, cldm.unet.context_dim)
+        cond = {"text": context, "latent": torch.empty_like(x)}
+        t = torch.zeros(batch, dtype=torch.long)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            cldm(x, t, cond)
+    return counter.get_total_flops()
+
+
+def _bench_step(
+    cldm: torch.nn.Module, z: torch.Tensor, dtype: torch.dtype, scale: float, timed: dict
+) -> dict[str, Any]:
+    """Time one CFG step (one batch-2 forward of UNet + IRControlNet) at latent ``z``."""
+    texts = cldm.encode_text(["", DEFAULT_NEG_PROMPT]).to(dtype)
+    latent = z.to(dtype)
+    cond = {"text": texts[:1], "latent": latent}
+    uncond = {"text": texts[1:], "latent": latent}
+    denoiser = cfg_denoiser(cldm, cond, uncond, scale)
+    x = torch.randn(z.shape, generator=torch.Generator().manual_seed(1)).to(z.device, dtype)
+    t = torch.full((1,), 500, device=z.device, dtype=torch.long)
+    seconds, _ = time_fn(lambda: denoiser(x, t), **timed)
+    return {"step_s": seconds}
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _fmt_flops(n: float, unit: str = "") -> str:
+    exp = min(4, max(0, int(math.log10(max(n, 1)) // 3)))
+    return f"{n / 10 ** (3 * exp):.3f} {' kMGT'[exp].strip()}FLOP{unit}"
+
+
+ROWS = (
+    ("stage1_s", "stage 1", lambda v: f"{v:.3f} s"),
+    ("vae_encode_s", "VAE encode", lambda v: f"{v:.3f} s"),
+    ("step_s", "sampling step (CFG, batch 2)", lambda v: f"{v:.3f} s"),
+    ("vae_decode_s", "VAE decode", lambda v: f"{v:.3f} s"),
+    ("image_s", "whole image", lambda v: f"{v:.3f} s"),
+    ("peak_memory_bytes", "peak memory", _fmt_bytes),
+    ("step_flops", "step FLOPs", _fmt_flops),
+    ("step_flops_per_s", "step FLOP rate", lambda v: _fmt_flops(v, "/s")),
+    ("matmul_flops_per_s", "matmul FLOP rate", lambda v: _fmt_flops(v, "/s")),
+    ("step_over_matmul", "step rate / matmul rate", lambda v: f"{v:.3f}"),
+)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The results as an aligned two-column table."""
+    head = (
+        f"DiffBIR benchmark: {results['config']} ControlLDM + {results['stage1']}, "
+        f"{results['size']}x{results['size']} (latent {results['latent']}x{results['latent']}), "
+        f"{results['precision']}, {results['device']}, {results['threads']} threads, "
+        f"median of {results['repeats']} after {results['warmup']} warm-up"
+    )
+    rows = [(label, fmt(results[key])) for key, label, fmt in ROWS if key in results]
+    if "image_s" in results:
+        rows[[r[0] for r in rows].index("whole image")] = (
+            f"whole image ({results['steps']} steps)",
+            f"{results['image_s']:.3f} s",
+        )
+    rows.append(("matmul size", f"{results['matmul_size']}^2"))
+    width = max(len(label) for label, _ in rows)
+    return "\n".join([head, *(f"  {label:<{width}}  {value}" for label, value in rows)])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: print the table (and write ``--json``); returns the exit status."""
+    args = parse_args(argv)
+    try:
+        results = run(args)
+    except ValueError as err:
+        print(f"benchmark: error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0

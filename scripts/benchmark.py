@@ -1,0 +1,8 @@
+"""Time and count the DiffBIR pipeline; see ``python scripts/benchmark.py --help``."""
+
+import sys
+
+from diffbir.benchmark import main
+
+if __name__ == "__main__":
+    sys.exit(main())
