@@ -1,0 +1,28 @@
+"""Inference: the two-stage pipeline, tiling, image I/O and the ``diffbir-infer`` CLI."""
+
+from diffbir.pipeline.loading import TASKS, WeightPaths, build_restorer, resolve_weight_paths
+from diffbir.pipeline.restorer import (
+    DEFAULT_NEG_PROMPT,
+    GuidanceOptions,
+    RestoreOptions,
+    Restorer,
+    RestoreResult,
+    Stage1,
+    TileOptions,
+    resolve_device,
+)
+
+__all__ = [
+    "DEFAULT_NEG_PROMPT",
+    "GuidanceOptions",
+    "RestoreOptions",
+    "RestoreResult",
+    "Restorer",
+    "Stage1",
+    "TASKS",
+    "TileOptions",
+    "WeightPaths",
+    "build_restorer",
+    "resolve_device",
+    "resolve_weight_paths",
+]

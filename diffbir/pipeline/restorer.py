@@ -1,0 +1,372 @@
+"""The two-stage restoration pipeline on image tensors.
+
+Stage 1 (a cleaner such as BSRNet, SCUNet or SwinIR) removes the degradations; its output,
+resized to ``upscale`` x the input size, is the condition of stage 2: spaced-DDPM sampling of
+SD 2.1 + IRControlNet with classifier-free guidance, optional restoration guidance, and
+optional colour correction. Size rules of the paper: a condition whose short side is below
+``min_side`` (512) is enlarged for stage 2 and the result resized back; stage-2 inputs are
+zero-padded to a multiple of 64 (8 when the diffusion is tiled) and cropped after decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from diffbir.diffusion import (
+    NoiseSchedule,
+    RestorationGuidance,
+    SpacedSchedule,
+    cfg_denoiser,
+    gaussian_noise,
+    spaced_ddpm_step,
+)
+from diffbir.diffusion.samplers import ConditionalModel, Guidance
+from diffbir.pipeline.color import COLOR_FIXES, color_fix
+from diffbir.pipeline.tiling import TiledGuidance, TiledModel, run_tiled
+
+DEFAULT_NEG_PROMPT = "low quality, blurry, low-resolution, noisy, unsharp, weird textures"
+LATENT_FACTOR = 8
+
+
+@dataclass(frozen=True)
+class GuidanceOptions:
+    """Restoration guidance (paper §3.4); ``scale`` 0 turns it off (the official ``--g_*``)."""
+
+    scale: float = 0.0
+    loss: str = "w_mse"
+    space: str = "rgb"
+    start: int = 1001
+    stop: int = -1
+    repeat: int = 1
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("w_mse", "mse"):
+            raise ValueError(f"guidance loss (--g-loss): expected w_mse or mse, got {self.loss!r}")
+        if self.space not in ("rgb", "latent"):
+            raise ValueError(
+                f"guidance space (--g-space): expected rgb or latent, got {self.space!r}"
+            )
+        if self.repeat < 1:
+            raise ValueError(f"guidance repeat (--g-repeat): expected >= 1, got {self.repeat}")
+        if not self.scale >= 0:
+            raise ValueError(f"guidance scale (--g-scale): expected >= 0, got {self.scale}")
+
+
+_TILE_FLAGS = {
+    "stage1": "--stage1-tile",
+    "stage1_stride": "--stage1-tile-stride",
+    "vae_encoder": "--vae-encoder-tile",
+    "vae_decoder": "--vae-decoder-tile",
+    "diffusion": "--diffusion-tile",
+    "diffusion_stride": "--diffusion-tile-stride",
+}
+
+
+@dataclass(frozen=True)
+class TileOptions:
+    """Tile sizes in image pixels (``None``: untiled). Strides default to half the tile
+    (stage 1, diffusion) or three quarters of it (VAE)."""
+
+    stage1: int | None = None
+    stage1_stride: int | None = None
+    vae_encoder: int | None = None
+    vae_decoder: int | None = None
+    diffusion: int | None = None
+    diffusion_stride: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("vae_encoder", "vae_decoder", "diffusion", "diffusion_stride"):
+            value = getattr(self, name)
+            if value is not None and (value <= 0 or value % LATENT_FACTOR):
+                raise ValueError(
+                    f"{_TILE_FLAGS[name]}: expected a positive multiple of 8, got {value}"
+                )
+        for name in ("stage1", "stage1_stride"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{_TILE_FLAGS[name]}: expected > 0, got {value}")
+        for tile, stride in (
+            (self.stage1, self.stage1_stride),
+            (self.diffusion, self.diffusion_stride),
+        ):
+            if tile is not None and stride is not None and stride > tile:
+                raise ValueError(f"tile stride {stride} is larger than its tile {tile}: gaps")
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """Everything that decides a restoration besides the models and the seed."""
+
+    upscale: float = 1.0
+    steps: int = 50
+    cfg_scale: float = 4.0
+    pos_prompt: str = ""
+    neg_prompt: str = DEFAULT_NEG_PROMPT
+    strength: float = 1.0
+    guidance: GuidanceOptions = field(default_factory=GuidanceOptions)
+    color_fix: str = "none"
+    min_side: int = 512
+    tiles: TileOptions = field(default_factory=TileOptions)
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.upscale <= 0:
+            raise ValueError(f"upscale: expected > 0, got {self.upscale}")
+        if self.steps < 2:
+            raise ValueError(f"steps: expected >= 2, got {self.steps}")
+        if self.color_fix not in COLOR_FIXES:
+            raise ValueError(f"color fix: expected one of {COLOR_FIXES}, got {self.color_fix!r}")
+        if self.min_side < 0:
+            raise ValueError(f"min side: expected >= 0, got {self.min_side}")
+
+
+@dataclass
+class Stage1:
+    """A stage-1 cleaner (``None``: the input is only resized).
+
+    ``resize_first``: resize the input to the target size before the model (same-size cleaners
+    of the v2 denoise/face tasks) instead of resizing the model's output (BSRNet x4).
+    ``pad_multiple``: the model needs sides that are multiples of this (SwinIR: 64); the input
+    is reflect-padded and the output cropped back.
+    """
+
+    model: nn.Module | None
+    resize_first: bool = False
+    pad_multiple: int = 1
+
+
+@dataclass
+class RestoreResult:
+    """``stage1``: (B, 3, H, W); ``samples``: (B, S, 3, H, W), all in [0, 1], float32, CPU."""
+
+    stage1: Tensor
+    samples: Tensor
+
+    @property
+    def images(self) -> Tensor:
+        """The first sample of each input, (B, 3, H, W)."""
+        return self.samples[:, 0]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; other names are checked for availability."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine")
+    return device
+
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _resize(img: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(img.shape[-2:]) == size:
+        return img
+    antialias = size[0] < img.shape[-2] or size[1] < img.shape[-1]
+    return F.interpolate(img, size=size, mode="bicubic", antialias=antialias).clamp(0, 1)
+
+
+def target_size(height: int, width: int, upscale: float) -> tuple[int, int]:
+    """The output size for an input of ``height`` x ``width``."""
+    return max(1, round(height * upscale)), max(1, round(width * upscale))
+
+
+def stage2_size(height: int, width: int, min_side: int) -> tuple[int, int]:
+    """The size stage 2 works at: enlarged so that the short side is at least ``min_side``."""
+    short = min(height, width)
+    if short >= min_side:
+        return height, width
+    scale = min_side / short
+    return max(min_side, round(height * scale)), max(min_side, round(width * scale))
+
+
+class Restorer:
+    """Two-stage restoration with a ControlLDM (see :mod:`diffbir.models.control_ldm`)."""
+
+    def __init__(
+        self,
+        cldm: nn.Module,
+        stage1: Stage1,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        schedule: NoiseSchedule | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.cldm = cldm.eval().requires_grad_(False).to(device=self.device, dtype=dtype)
+        if stage1.model is not None:
+            stage1.model.eval().requires_grad_(False).to(device=self.device, dtype=dtype)
+        self.stage1_spec = stage1
+        self.base_schedule = schedule or NoiseSchedule.linear()
+        self._schedules: dict[int, SpacedSchedule] = {}
+
+    # ----- stage 1 -----
+    def _clean(self, x: Tensor) -> Tensor:
+        model, multiple = self.stage1_spec.model, self.stage1_spec.pad_multiple
+        height, width = x.shape[-2:]
+        pad_h, pad_w = (-height) % multiple, (-width) % multiple
+        if pad_h or pad_w:
+            mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+        y = model(x.to(self.dtype)).float()
+        out_h = round(height * y.shape[-2] / x.shape[-2])
+        out_w = round(width * y.shape[-1] / x.shape[-1])
+        return y[..., :out_h, :out_w]
+
+    @torch.no_grad()
+    def stage1(self, lq: Tensor, options: RestoreOptions) -> Tensor:
+        """Stage-1 output (B, 3, round(H*upscale), round(W*upscale)) in [0, 1], float32."""
+        lq = lq.to(device=self.device, dtype=torch.float32)
+        size = target_size(*lq.shape[-2:], options.upscale)
+        if self.stage1_spec.model is None:
+            return _resize(lq, size)
+        tiles = options.tiles
+        if self.stage1_spec.resize_first:
+            lq = _resize(lq, size)
+        out = run_tiled(self._clean, lq, tiles.stage1, tiles.stage1_stride).clamp(0, 1)
+        return _resize(out, size)
+
+    # ----- VAE -----
+    def _encode(self, image: Tensor, tiles: TileOptions) -> Tensor:
+        tile = tiles.vae_encoder
+        stride = None if tile is None else max(8, tile * 3 // 4 // 8 * 8)
+        return run_tiled(self.cldm.vae_encode, image, tile, stride, align=LATENT_FACTOR)
+
+    def _decode(self, z: Tensor, tiles: TileOptions) -> Tensor:
+        tile = None if tiles.vae_decoder is None else tiles.vae_decoder // LATENT_FACTOR
+        stride = None if tile is None else max(1, tile * 3 // 4)
+        return run_tiled(self.cldm.vae_decode, z, tile, stride)
+
+    # ----- stage 2 -----
+    def schedule(self, steps: int) -> SpacedSchedule:
+        """The respaced schedule for ``steps`` (cached)."""
+        if steps not in self._schedules:
+            self._schedules[steps] = SpacedSchedule.from_base(self.base_schedule, steps)
+        return self._schedules[steps]
+
+    def _guidance(
+        self, target: Tensor, options: RestoreOptions, latent_hw: tuple[int, int]
+    ) -> Guidance | None:
+        g = options.guidance
+        if g.scale <= 0:
+            return None
+
+        def make(image: Tensor) -> RestorationGuidance:
+            return RestorationGuidance(
+                image,
+                g.scale,
+                space=g.space,
+                loss=g.loss,
+                t_start=g.start,
+                t_stop=g.stop,
+                repeat=g.repeat,
+                decode=lambda z: self.cldm.vae_decode(z).float(),
+                encode=lambda img: self.cldm.vae_encode(img).float(),
+            )
+
+        tile = options.tiles.diffusion
+        if tile is None:
+            return make(target)
+        stride = options.tiles.diffusion_stride or max(LATENT_FACTOR, tile // 2)
+        f = LATENT_FACTOR
+        return TiledGuidance(
+            lambda y0, y1, x0, x1: make(target[..., f * y0 : f * y1, f * x0 : f * x1]),
+            latent_hw,
+            tile // f,
+            stride // f,
+        )
+
+    def _model_fn(self, options: RestoreOptions) -> ConditionalModel:
+        def model_fn(x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+            return self.cldm(x.to(self.dtype), t, cond, control_strength=options.strength).float()
+
+        tile = options.tiles.diffusion
+        if tile is None:
+            return model_fn
+        stride = options.tiles.diffusion_stride or max(LATENT_FACTOR, tile // 2)
+        return TiledModel(model_fn, tile // LATENT_FACTOR, stride // LATENT_FACTOR)
+
+    @torch.no_grad()
+    def stage2(self, cond01: Tensor, seeds: Sequence[int], options: RestoreOptions) -> Tensor:
+        """Sample one restoration per condition image (N, 3, H, W) in [0, 1], seed per item."""
+        count, _, height, width = cond01.shape
+        if len(seeds) != count:
+            raise ValueError(f"{len(seeds)} seeds for {count} condition images")
+        cond01 = cond01.to(device=self.device, dtype=torch.float32)
+        work_h, work_w = stage2_size(height, width, options.min_side)
+        cond_work = _resize(cond01, (work_h, work_w))
+        multiple = LATENT_FACTOR if options.tiles.diffusion is not None else 64
+        pad_h, pad_w = (-work_h) % multiple, (-work_w) % multiple
+        cond_pad = F.pad(cond_work, (0, pad_w, 0, pad_h))
+
+        latent = self._encode(cond_pad * 2 - 1, options.tiles).to(self.dtype)
+        texts = self.cldm.encode_text([options.pos_prompt, options.neg_prompt])
+        cond = {"text": texts[:1].expand(count, -1, -1), "latent": latent}
+        uncond = {"text": texts[1:].expand(count, -1, -1), "latent": latent}
+        denoiser = cfg_denoiser(self._model_fn(options), cond, uncond, options.cfg_scale)
+
+        latent_hw = latent.shape[-2:]
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        x = torch.cat(
+            [
+                gaussian_noise((1, *latent.shape[1:]), generator=g, device=self.device)
+                for g in generators
+            ]
+        )
+        guides = [self._guidance(cond_pad[i : i + 1], options, latent_hw) for i in range(count)]
+        schedule = self.schedule(options.steps).to(device=self.device, dtype=torch.float32)
+        for index in tqdm(
+            reversed(range(schedule.num_steps)),
+            total=schedule.num_steps,
+            desc="sampling",
+            leave=False,
+            disable=not options.progress,
+        ):
+            t_model = schedule.timesteps[index].repeat(count)
+            eps = denoiser(x, t_model)
+            x = torch.cat(
+                [
+                    spaced_ddpm_step(
+                        schedule, x[i : i + 1], index, eps[i : i + 1],
+                        guidance=guides[i], generator=generators[i],
+                    ).x_prev
+                    for i in range(count)
+                ]
+            )  # fmt: skip
+        decoded = self._decode(x, options.tiles)
+        image = ((decoded + 1) / 2).clamp(0, 1)[..., :work_h, :work_w]
+        image = color_fix(image, cond_work, options.color_fix).clamp(0, 1)
+        return _resize(image, (height, width))
+
+    def restore(
+        self, lq: Tensor, seeds: Sequence[int | Sequence[int]], options: RestoreOptions
+    ) -> RestoreResult:
+        """Restore a batch (B, 3, H, W) in [0, 1].
+
+        ``seeds[b]`` is the seed of input ``b`` (one sample) or a list of seeds (one per sample).
+        """
+        seeds = [[s] if isinstance(s, int) else list(s) for s in seeds]
+        if len(seeds) != lq.shape[0] or len({len(s) for s in seeds}) > 1:
+            raise ValueError("seeds: expected one list of equally many seeds per input image")
+        samples = len(seeds[0])
+        clean = self.stage1(lq, options)
+        flat_seeds = [s for per_image in seeds for s in per_image]
+        out = self.stage2(clean.repeat_interleave(samples, dim=0), flat_seeds, options)
+        return RestoreResult(
+            stage1=clean.cpu(), samples=out.cpu().view(lq.shape[0], samples, *out.shape[1:])
+        )

@@ -1,0 +1,163 @@
+"""Overlapping tiles blended with Gaussian weights, so that memory is bounded by the tile.
+
+Used for stage 1 (image tiles), the VAE encoder/decoder (image/latent tiles) and the latent
+diffusion model (latent tiles, blended at every step). When one tile covers the whole input the
+function is called once on the whole input, so tiled and untiled results agree exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from diffbir.diffusion.samplers import ConditionalModel, Guidance
+
+# Standard deviation of the blending weight, as a fraction of the tile side.
+SIGMA_FRACTION = 0.25
+
+Box = tuple[int, int, int, int]  # y0, y1, x0, x1
+
+
+def tile_starts(size: int, tile: int, stride: int, align: int = 1) -> list[int]:
+    """Start offsets of tiles of side ``tile`` covering ``[0, size)`` with step ``stride``.
+
+    The last tile ends at ``size``. Starts are multiples of ``align`` when ``size``, ``tile``
+    and ``stride`` are.
+    """
+    if tile <= 0 or stride <= 0:
+        raise ValueError(f"tile size and stride must be positive, got {tile} and {stride}")
+    if stride > tile:
+        raise ValueError(f"tile stride {stride} is larger than the tile size {tile}: gaps")
+    if size <= tile:
+        return [0]
+    count = math.ceil((size - tile) / stride) + 1
+    starts = sorted({min(k * stride, size - tile) for k in range(count)})
+    if align > 1 and any(s % align for s in starts):
+        raise ValueError(f"tile offsets {starts} are not multiples of {align}")
+    return starts
+
+
+def tile_boxes(height: int, width: int, tile: int, stride: int, align: int = 1) -> list[Box]:
+    """Boxes ``(y0, y1, x0, x1)`` of the tiles covering a ``height`` x ``width`` grid."""
+    return [
+        (y, min(y + tile, height), x, min(x + tile, width))
+        for y in tile_starts(height, tile, stride, align)
+        for x in tile_starts(width, tile, stride, align)
+    ]
+
+
+def gaussian_weight(height: int, width: int, device=None, dtype=torch.float32) -> Tensor:
+    """(height, width) separable Gaussian blending weight, peak 1 at the centre, > 0 everywhere."""
+
+    def axis(n: int) -> Tensor:
+        pos = torch.arange(n, dtype=torch.float64) - (n - 1) / 2
+        return torch.exp(-0.5 * (pos / (SIGMA_FRACTION * n)) ** 2)
+
+    return torch.outer(axis(height), axis(width)).to(device=device, dtype=dtype)
+
+
+def run_tiled(
+    fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    tile: int | None,
+    stride: int | None = None,
+    align: int = 1,
+) -> Tensor:
+    """``fn`` over overlapping tiles of ``x`` (B, C, H, W), blended into one output.
+
+    ``fn`` may change the channel count and scale the spatial size by a fixed factor (e.g. x4
+    super-resolution, /8 VAE encoding, x8 decoding); the factor is read off the first tile.
+    ``tile=None`` (or a tile covering ``x``) calls ``fn(x)`` once. Output float32.
+    """
+    height, width = x.shape[-2:]
+    if tile is None or (height <= tile and width <= tile):
+        return fn(x).float()
+    stride = stride or max(align, tile // 2 // align * align)
+    boxes = tile_boxes(height, width, tile, stride, align)
+    out = weights = None
+    scale = 1.0
+    for y0, y1, x0, x1 in boxes:
+        piece = fn(x[..., y0:y1, x0:x1]).float()
+        if out is None:
+            scale = piece.shape[-1] / (x1 - x0)
+            out_h, out_w = round(height * scale), round(width * scale)
+            out = piece.new_zeros(*piece.shape[:-2], out_h, out_w)
+            weights = piece.new_zeros(out_h, out_w)
+        oy0, ox0 = round(y0 * scale), round(x0 * scale)
+        oh, ow = piece.shape[-2:]
+        if (oh, ow) != (round((y1 - y0) * scale), round((x1 - x0) * scale)):
+            raise ValueError(
+                f"tiled run: a {y1 - y0}x{x1 - x0} tile gave {oh}x{ow}; the scale must be fixed"
+            )
+        w = gaussian_weight(oh, ow, device=piece.device)
+        out[..., oy0 : oy0 + oh, ox0 : ox0 + ow] += piece * w
+        weights[oy0 : oy0 + oh, ox0 : ox0 + ow] += w
+    return out / weights
+
+
+def _crop_cond(cond: Mapping[str, Tensor], box: Box) -> dict[str, Tensor]:
+    y0, y1, x0, x1 = box
+    return {k: v[..., y0:y1, x0:x1] if v.ndim == 4 else v for k, v in cond.items()}
+
+
+class TiledModel:
+    """A conditional model ``model_fn(x, t, cond)`` run on overlapping latent tiles.
+
+    Spatial condition tensors (4-D, e.g. ``cond["latent"]``) are cropped with ``x``; others
+    (the text context) are passed whole. Tile outputs are blended with Gaussian weights, so
+    with sampling every step sees one seamless noise prediction.
+    """
+
+    def __init__(self, model_fn: ConditionalModel, tile: int, stride: int) -> None:
+        self.model_fn = model_fn
+        self.tile = tile
+        self.stride = stride
+
+    def __call__(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        height, width = x.shape[-2:]
+        boxes = tile_boxes(height, width, self.tile, self.stride)
+        if len(boxes) == 1:
+            return self.model_fn(x, t, cond)
+        out = torch.zeros_like(x, dtype=torch.float32)
+        weights = x.new_zeros(height, width, dtype=torch.float32)
+        for box in boxes:
+            y0, y1, x0, x1 = box
+            piece = self.model_fn(x[..., y0:y1, x0:x1], t, _crop_cond(cond, box)).float()
+            w = gaussian_weight(y1 - y0, x1 - x0, device=x.device)
+            out[..., y0:y1, x0:x1] += piece * w
+            weights[y0:y1, x0:x1] += w
+        return out / weights
+
+
+class TiledGuidance:
+    """Restoration guidance applied tile by tile (each tile guided towards its part of the target).
+
+    ``make(y0, y1, x0, x1)`` builds the guidance for one latent box (pixel box = 8x it); the
+    guided tiles are blended with Gaussian weights. Each tile's loss is averaged over that tile,
+    so memory (including the decoder's backward pass in pixel space) is bounded by the tile.
+    """
+
+    def __init__(
+        self,
+        make: Callable[[int, int, int, int], Guidance],
+        latent_size: tuple[int, int],
+        tile: int,
+        stride: int,
+    ) -> None:
+        self.boxes = tile_boxes(*latent_size, tile, stride)
+        self.guides = [make(*box) for box in self.boxes]
+
+    def __call__(self, pred_x0: Tensor, t_model: int, coef1: float) -> Tensor:
+        if len(self.boxes) == 1:
+            return self.guides[0](pred_x0, t_model, coef1)
+        out = torch.zeros_like(pred_x0)
+        weights = pred_x0.new_zeros(pred_x0.shape[-2:])
+        for (y0, y1, x0, x1), guide in zip(self.boxes, self.guides, strict=True):
+            piece = guide(pred_x0[..., y0:y1, x0:x1], t_model, coef1)
+            w = gaussian_weight(y1 - y0, x1 - x0, device=pred_x0.device, dtype=pred_x0.dtype)
+            out[..., y0:y1, x0:x1] += piece * w
+            weights[y0:y1, x0:x1] += w
+        return out / weights
