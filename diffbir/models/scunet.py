@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffbir.models.norm import init_transformer_weights
+
 _PAD_MULTIPLE = 64  # three 2x downsamplings and 8x8 windows at the bottom
 
 
@@ -167,7 +169,7 @@ class SCUNet(nn.Module):
         self.m_up2 = nn.Sequential(up(2 * dim), *stage(config[5], 2 * dim, 1))
         self.m_up1 = nn.Sequential(up(dim), *stage(config[6], dim, 0))
         self.m_tail = nn.Sequential(nn.Conv2d(dim, in_nc, 3, 1, 1, bias=False))
-        self.apply(_init_weights)
+        self.apply(init_transformer_weights)
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
@@ -182,14 +184,3 @@ class SCUNet(nn.Module):
         y = self.m_up1(y + x2)
         y = self.m_tail(y + x1)
         return y[..., :h, :w]
-
-
-def _init_weights(module: nn.Module) -> None:
-    """Truncated-normal linear weights, zero biases (the original SCUNet initialisation)."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)

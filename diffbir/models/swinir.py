@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffbir.models.norm import init_transformer_weights
+
 _RGB_MEAN = (0.4488, 0.4371, 0.4040)
 _MASK_VALUE = -100.0  # additive attention mask between windows regions, as in the original
 
@@ -288,7 +290,7 @@ class SwinIR(nn.Module):
         self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
         self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
         self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
-        self.apply(_init_weights)
+        self.apply(init_transformer_weights)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Residual Swin groups on a ``(B, C, h, w)`` feature map."""
@@ -316,14 +318,3 @@ class SwinIR(nn.Module):
         out = out / self.img_range + mean
         scale = self.sf / self.unshuffle_scale
         return out[..., : int(h * scale), : int(w * scale)]
-
-
-def _init_weights(module: nn.Module) -> None:
-    """Truncated-normal linear weights, zero biases (the original SwinIR initialisation)."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
