@@ -18,6 +18,7 @@ from diffbir.data.degradation import (
     FirstOrderParams,
     RealESRGANDegradation,
     add_gaussian_noise,
+    build_degradation,
     gaussian_kernel,
     generalized_gaussian_kernel,
     jpeg_compress,
@@ -329,3 +330,14 @@ def test_image_reader_handles_depths_gray_and_alpha(tmp_path: Path):
     with pytest.raises(ValueError, match="junk.png"):
         (tmp_path / "junk.png").write_bytes(b"junk")
         _read_image(tmp_path / "junk.png")
+
+
+def test_build_degradation_selects_the_model_by_type() -> None:
+    assert isinstance(build_degradation(None), FirstOrderDegradation)
+    assert isinstance(build_degradation({"noise_range": [0, 1]}), FirstOrderDegradation)
+    model = build_degradation({"type": "realesrgan", "scale": 2})
+    assert isinstance(model, RealESRGANDegradation) and model.scale == 2
+    with pytest.raises(ValueError, match="'bsrgan' is not one of"):
+        build_degradation({"type": "bsrgan"})
+    with pytest.raises(ValueError, match="unknown RealESRGANDegradation field"):
+        build_degradation({"type": "realesrgan", "sigma_range": [1, 2]})

@@ -7,6 +7,8 @@ the caption). Without a list caption, a sidecar `<stem>.txt` next to the image i
 Items: {"hq": (3, H, W) float32 tensor in [0, 1], "lq": (3, H, W) float32 in [0, 1],
 "prompt": str}. Images with a side shorter than `out_size` are first resized up (bicubic) so
 that the short side equals `out_size`, then cropped (random or center) and randomly flipped.
+An LQ smaller than the crop (Real-ESRGAN's model degrades to HQ / scale) is resized back to the
+crop size (bicubic).
 
 Reproducibility: each item's generator is seeded from (seed, epoch, index), so results do not
 depend on worker assignment or order; call `set_epoch(epoch)` before each epoch (and in every
@@ -29,7 +31,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from diffbir.data.degradation import FirstOrderDegradation
+from diffbir.data.degradation import (
+    FirstOrderDegradation,
+    RealESRGANDegradation,
+    build_degradation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +86,7 @@ class PairedDegradationDataset(Dataset):
         out_size: int = 512,
         crop: str = "random",
         flip: bool = True,
-        degradation: FirstOrderDegradation | Callable | dict | None = None,
+        degradation: FirstOrderDegradation | RealESRGANDegradation | Callable | dict | None = None,
         prompt_dropout: float = 0.0,
         use_captions: bool = True,
         seed: int = 0,
@@ -96,7 +102,7 @@ class PairedDegradationDataset(Dataset):
         if not self.entries:
             raise ValueError(f"empty dataset: no images found in {source}")
         if degradation is None or isinstance(degradation, dict) or hasattr(degradation, "keys"):
-            degradation = FirstOrderDegradation.from_config(degradation)
+            degradation = build_degradation(degradation)
         self.degradation = degradation
         self.out_size = int(out_size)
         self.crop = crop
@@ -164,6 +170,9 @@ class PairedDegradationDataset(Dataset):
             hq = hq[:, ::-1]
         hq = np.ascontiguousarray(hq, dtype=np.float32)
         lq = self.degradation.degrade(hq, rng)
+        if lq.shape != hq.shape:
+            lq = cv2.resize(lq, (self.out_size, self.out_size), interpolation=cv2.INTER_CUBIC)
+            lq = np.clip(lq, 0.0, 1.0)
         if self.prompt_dropout > 0 and rng.uniform() < self.prompt_dropout:
             prompt = ""
         return {

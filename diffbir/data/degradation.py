@@ -449,3 +449,22 @@ class RealESRGANDegradation:
         return np.clip(img, 0.0, 1.0).astype(np.float32)
 
     __call__ = degrade
+
+
+DEGRADATIONS = {"first_order": FirstOrderDegradation, "realesrgan": RealESRGANDegradation}
+
+
+def build_degradation(
+    cfg: Mapping | object | None,
+) -> FirstOrderDegradation | RealESRGANDegradation:
+    """Build from a mapping whose optional ``type`` (default ``first_order``) picks the model
+    in :data:`DEGRADATIONS`; the other keys are that model's fields."""
+    if cfg is not None and not isinstance(cfg, Mapping):
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg = dict(cfg or {})
+    kind = cfg.pop("type", "first_order")
+    if kind not in DEGRADATIONS:
+        raise ValueError(f"degradation type {kind!r} is not one of {sorted(DEGRADATIONS)}")
+    return DEGRADATIONS[kind].from_config(cfg)
