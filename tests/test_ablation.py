@@ -21,7 +21,7 @@ from diffbir.models.ablation import (
     AblationControlNet,
     unet_with_controls,
 )
-from diffbir.models.control_ldm import ControlLDM, _unet_kwargs
+from diffbir.models.control_ldm import ControlLDM, unet_kwargs
 from diffbir.training.data import build_paired_dataset
 
 ABLATIONS = [v for v in VARIANTS if v != "ircontrolnet"]
@@ -336,7 +336,7 @@ FULL_SIZE_CHANGES = {
 @pytest.mark.parametrize("name", ABLATIONS)
 def test_full_size_variants_against_the_official_manifest(name: str, manifests_dir: Path) -> None:
     params = load_config(f"control_ldm_{name}").params
-    kwargs = _unet_kwargs(OmegaConf.to_container(params.controlnet_cfg), "controlnet_cfg")
+    kwargs = unet_kwargs(OmegaConf.to_container(params.controlnet_cfg), "controlnet_cfg")
     hint = params.get("hint_encoder_channels", (16, 32, 96, 256))
     with torch.device("meta"):
         net = AblationControlNet(**kwargs, variant=name, hint_encoder_channels=tuple(hint))
@@ -347,3 +347,42 @@ def test_full_size_variants_against_the_official_manifest(name: str, manifests_d
     changed = {k for k in official if ours[k] != official[k]}
     assert bool(changed) == bool(FULL_SIZE_CHANGES[name])
     assert all(k.startswith(tuple(FULL_SIZE_CHANGES[name])) for k in changed), changed
+
+
+def test_controlnet_variant_restores_through_the_tiled_pipeline(
+    parity_dir: Path, tmp_path: Path, sd_weights
+) -> None:
+    """Variant 1 reads the condition image: the Restorer passes it, and tiled diffusion crops
+    it at 8x the latent tile. One covering tile equals untiled; several tiles run."""
+    from diffbir.checkpoint import save_state_dict
+    from diffbir.pipeline import RestoreOptions, TileOptions, WeightPaths, build_restorer
+
+    model = _variant("controlnet", sd_weights)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-zero hint encoder and zero convs: the image changes the result
+        for name, param in model.controlnet.named_parameters():
+            if name.startswith(("input_hint_block.", "zero_convs.", "middle_block_out.")):
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    weights = tmp_path / "variant1.pth"
+    save_state_dict(model.controlnet.state_dict(), weights)
+    restorer = build_restorer(
+        "custom",
+        WeightPaths(parity_dir / "sd.ckpt", weights, None),
+        cldm_config="control_ldm_tiny_controlnet",
+        device="cpu",
+    )
+    lq = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    opts = {"upscale": 2.0, "steps": 2, "min_side": 0, "progress": False}
+    plain = restorer.restore(lq, [3], RestoreOptions(**opts)).samples
+    covering = TileOptions(diffusion=64)
+    tiled = restorer.restore(lq, [3], RestoreOptions(**opts, tiles=covering)).samples
+    assert torch.equal(plain, tiled)
+    several = TileOptions(diffusion=32, diffusion_stride=16)
+    tiled = restorer.restore(lq, [3], RestoreOptions(**opts, tiles=several)).samples
+    assert tiled.shape == plain.shape and torch.isfinite(tiled).all()
+    hint = restorer.cldm.controlnet.input_hint_block[-1]
+    with torch.no_grad():
+        hint.weight.zero_()
+        hint.bias.zero_()
+    without_image = restorer.restore(lq, [3], RestoreOptions(**opts)).samples
+    assert (without_image - plain).abs().max() > 1e-4

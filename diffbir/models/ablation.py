@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffbir.models.control_ldm import ControlLDM, _unet_kwargs
+from diffbir.models.control_ldm import ControlLDM
 from diffbir.models.controlnet import IRControlNet
 from diffbir.models.unet import UNet
 
@@ -287,8 +287,10 @@ class AblationControlLDM(ControlLDM):
     Same constructor as ControlLDM plus ``variant`` (a key of :data:`VARIANTS`) and, for
     ``controlnet``, ``hint_encoder_channels``. Weight loading, freezing, export and the GM
     training task work as for ControlLDM. The ``controlnet`` variant reads the condition image
-    ``cond["image"]``, which :meth:`prepare_condition` adds.
+    ``cond["image"]``, which :meth:`condition` adds.
     """
+
+    controlnet_class = AblationControlNet
 
     def __init__(
         self,
@@ -301,36 +303,28 @@ class AblationControlLDM(ControlLDM):
         hint_encoder_channels: Sequence[int] = (16, 32, 96, 256),
     ):
         variant_spec(variant)
+        controlnet_cfg = {
+            **controlnet_cfg,
+            "variant": variant,
+            "hint_encoder_channels": tuple(hint_encoder_channels),
+        }
         super().__init__(unet_cfg, controlnet_cfg, vae_cfg, clip_cfg, latent_scale_factor)
-        # replaces the IRControlNet built by ControlLDM (same sub-config, variant changes)
-        self.controlnet = AblationControlNet(
-            **_unet_kwargs(controlnet_cfg, "controlnet_cfg"),
-            variant=variant,
-            hint_encoder_channels=tuple(hint_encoder_channels),
-        )
         self.variant = variant
 
-    def prepare_condition(self, image: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+    @property
+    def hint_key(self) -> str:
+        return self.controlnet.hint_key
+
+    def condition(
+        self, text: Tensor, image: Tensor, latent: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """ControlLDM's ``{"text", "latent"}``, plus ``"image"`` (in [0, 1]) for ``controlnet``."""
-        cond = super().prepare_condition(image, prompts)
-        if self.controlnet.hint_key == "image":
+        cond = super().condition(text, image, latent)
+        if self.hint_key == "image":
             cond["image"] = image
         return cond
 
-    def forward(
-        self, x_t: Tensor, t: Tensor, cond: Mapping[str, Tensor], control_strength: float = 1.0
+    def apply_controls(
+        self, x_t: Tensor, t: Tensor, context: Tensor, controls: list[Tensor]
     ) -> Tensor:
-        key = self.controlnet.hint_key
-        if key not in cond:
-            raise ValueError(
-                f"IRControlNet variant {self.variant!r} reads cond[{key!r}] (the condition image "
-                f"in [0, 1], 8x the latent size; prepare_condition adds it), got keys "
-                f"{sorted(cond)}"
-            )
-        context = cond["text"].to(x_t.dtype)
-        controls = self.controlnet(x_t, cond[key], t, context)
-        if control_strength != 1.0:
-            controls = [c * control_strength for c in controls]
-        return unet_with_controls(
-            self.unet, x_t, t, context, controls, self.controlnet.injection
-        )
+        return unet_with_controls(self.unet, x_t, t, context, controls, self.controlnet.injection)

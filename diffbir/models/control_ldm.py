@@ -34,7 +34,7 @@ _FIXED_UNET_KEYS = {
 _IGNORED_UNET_KEYS = {"image_size", "use_checkpoint", "use_fp16", "dropout"}
 
 
-def _unet_kwargs(cfg: Mapping[str, Any], section: str) -> dict[str, Any]:
+def unet_kwargs(cfg: Mapping[str, Any], section: str) -> dict[str, Any]:
     """Official UNet/ControlNet config -> our constructor kwargs (checking unsupported options)."""
     kwargs = dict(cfg)
     for key, value in _FIXED_UNET_KEYS.items():
@@ -81,8 +81,13 @@ def _clip_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
 class ControlLDM(nn.Module):
     """Noise prediction ``eps(z_t, t, cond)`` of SD 2.1 + IRControlNet, and the VAE/text helpers.
 
-    ``cond`` is the output of :meth:`prepare_condition`: ``{"text": (B,77,C), "latent": c_img}``.
+    ``cond`` is the output of :meth:`prepare_condition` (or :meth:`condition`):
+    ``{"text": (B,77,C), "latent": c_img}``. Subclasses swap the condition network through
+    :attr:`controlnet_class` (built from ``controlnet_cfg``) and the way its controls enter the
+    UNet through :meth:`apply_controls`.
     """
+
+    controlnet_class: type[IRControlNet] = IRControlNet
 
     def __init__(
         self,
@@ -93,8 +98,8 @@ class ControlLDM(nn.Module):
         latent_scale_factor: float = 0.18215,
     ):
         super().__init__()
-        self.unet = UNet(**_unet_kwargs(unet_cfg, "unet_cfg"))
-        self.controlnet = IRControlNet(**_unet_kwargs(controlnet_cfg, "controlnet_cfg"))
+        self.unet = UNet(**unet_kwargs(unet_cfg, "unet_cfg"))
+        self.controlnet = self.controlnet_class(**unet_kwargs(controlnet_cfg, "controlnet_cfg"))
         self.vae = AutoencoderKL(**_vae_kwargs(vae_cfg))
         self.text_encoder = OpenCLIPTextEncoder(**_clip_kwargs(clip_cfg))
         self.latent_scale_factor = float(latent_scale_factor)
@@ -155,21 +160,45 @@ class ControlLDM(nn.Module):
             z.to(self.vae.post_quant_conv.weight.dtype) / self.latent_scale_factor
         )
 
-    def prepare_condition(self, image: Tensor, prompts: list[str]) -> dict[str, Tensor]:
-        """``{"text": context of prompts, "latent": scaled VAE mode of 2 * image - 1}``.
+    @property
+    def hint_key(self) -> str:
+        """The condition entry the condition network reads ("latent": c_img)."""
+        return "latent"
 
-        ``image`` is the stage-1 output (B, 3, H, W) in [0, 1], H and W multiples of 8.
-        """
+    def condition(
+        self, text: Tensor, image: Tensor, latent: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """The condition dict from a text context, the condition image (B, 3, H, W) in [0, 1]
+        and its scaled latent (encoded here when None): ``{"text", "latent"}``."""
+        if latent is None:
+            latent = self.vae_encode(image * 2 - 1)
+        return {"text": text, "latent": latent}
+
+    def prepare_condition(self, image: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+        """:meth:`condition` for ``prompts`` and the stage-1 output ``image`` (B, 3, H, W) in
+        [0, 1], H and W multiples of 8."""
         if len(prompts) != image.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for a batch of {image.shape[0]} images")
-        return {"text": self.encode_text(prompts), "latent": self.vae_encode(image * 2 - 1)}
+        return self.condition(self.encode_text(prompts), image)
 
     # ----- noise prediction -----
+    def apply_controls(
+        self, x_t: Tensor, t: Tensor, context: Tensor, controls: list[Tensor]
+    ) -> Tensor:
+        """The frozen UNet's prediction with the controls added to its skip features."""
+        return self.unet(x_t, t, context, controls)
+
     def forward(
         self, x_t: Tensor, t: Tensor, cond: Mapping[str, Tensor], control_strength: float = 1.0
     ) -> Tensor:
+        key = self.hint_key
+        if key not in cond:
+            raise ValueError(
+                f"{type(self).__name__} reads cond[{key!r}] (see condition()), got keys "
+                f"{sorted(cond)}"
+            )
         context = cond["text"].to(x_t.dtype)
-        controls = self.controlnet(x_t, cond["latent"], t, context)
+        controls = self.controlnet(x_t, cond[key], t, context)
         if control_strength != 1.0:
             controls = [c * control_strength for c in controls]
-        return self.unet(x_t, t, context, controls)
+        return self.apply_controls(x_t, t, context, controls)

@@ -316,8 +316,8 @@ class Restorer:
 
         latent = self._encode(cond_pad * 2 - 1, options.tiles).to(self.dtype)
         texts = self.cldm.encode_text([options.pos_prompt, options.neg_prompt])
-        cond = {"text": texts[:1].expand(count, -1, -1), "latent": latent}
-        uncond = {"text": texts[1:].expand(count, -1, -1), "latent": latent}
+        cond = self.cldm.condition(texts[:1].expand(count, -1, -1), cond_pad, latent)
+        uncond = {**cond, "text": texts[1:].expand(count, -1, -1)}
         denoiser = cfg_denoiser(self._model_fn(options), cond, uncond, options.cfg_scale)
 
         latent_hw = latent.shape[-2:]

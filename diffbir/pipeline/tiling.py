@@ -98,15 +98,29 @@ def run_tiled(
     return out / weights
 
 
-def _crop_cond(cond: Mapping[str, Tensor], box: Box) -> dict[str, Tensor]:
+def _crop_cond(cond: Mapping[str, Tensor], box: Box, size: tuple[int, int]) -> dict[str, Tensor]:
+    """Crop the spatial (4-D) entries of ``cond`` to ``box`` of a ``size`` grid, scaled by each
+    entry's integer size ratio to that grid (8 for a condition image over the latent)."""
     y0, y1, x0, x1 = box
-    return {k: v[..., y0:y1, x0:x1] if v.ndim == 4 else v for k, v in cond.items()}
+    out = {}
+    for key, value in cond.items():
+        if value.ndim == 4:
+            f = value.shape[-2] // size[0]
+            if f < 1 or value.shape[-2:] != (f * size[0], f * size[1]):
+                raise ValueError(
+                    f"tiled model: cond[{key!r}] of size {tuple(value.shape[-2:])} is not an "
+                    f"integer multiple of the latent size {tuple(size)}"
+                )
+            value = value[..., f * y0 : f * y1, f * x0 : f * x1]
+        out[key] = value
+    return out
 
 
 class TiledModel:
     """A conditional model ``model_fn(x, t, cond)`` run on overlapping latent tiles.
 
-    Spatial condition tensors (4-D, e.g. ``cond["latent"]``) are cropped with ``x``; others
+    Spatial condition tensors (4-D: ``cond["latent"]``, or a condition image at 8x) are cropped
+    with ``x``, scaled to their resolution; others
     (the text context) are passed whole. Tile outputs are blended with Gaussian weights, so
     with sampling every step sees one seamless noise prediction.
     """
@@ -125,7 +139,8 @@ class TiledModel:
         weights = x.new_zeros(height, width, dtype=torch.float32)
         for box in boxes:
             y0, y1, x0, x1 = box
-            piece = self.model_fn(x[..., y0:y1, x0:x1], t, _crop_cond(cond, box)).float()
+            tile_cond = _crop_cond(cond, box, (height, width))
+            piece = self.model_fn(x[..., y0:y1, x0:x1], t, tile_cond).float()
             w = gaussian_weight(y1 - y0, x1 - x0, device=x.device)
             out[..., y0:y1, x0:x1] += piece * w
             weights[y0:y1, x0:x1] += w
