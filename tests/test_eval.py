@@ -124,15 +124,18 @@ def test_analytic_cases() -> None:
 
 def test_pyiqa_metrics_without_weights_are_reported_not_fatal() -> None:
     """pyiqa's real behaviour here: every name is either loaded or unavailable with a reason."""
-    names = ["psnr", "lpips", "musiq"]
+    names = ["psnr", "lpips", "musiq", "clipiqa"]
     loaded, unavailable = load_metrics(names)
     assert "psnr" in loaded
     assert set(loaded) | set(unavailable) == set(names)
     assert not set(loaded) & set(unavailable)
     for reason in unavailable.values():
         assert reason and "\n" not in reason and len(reason) < 400
-    if "lpips" in unavailable:  # offline: the reason names the file to fetch
-        assert "weights not downloadable" in unavailable["lpips"]
+    for name in ("lpips", "clipiqa"):
+        if name in unavailable:  # offline: the reason names the file to fetch and where
+            assert "weights not downloadable" in unavailable[name]
+            assert "https://" in unavailable[name] and "place the file at" in unavailable[name]
+    if "lpips" in unavailable:
         with pytest.raises(MetricUnavailable, match="lpips unavailable"):
             create_metric("lpips")
 

@@ -209,15 +209,15 @@ PYIQA_NAMES = {"lpips": "lpips", "musiq": "musiq", "maniqa": "maniqa", "clipiqa"
 _DOWNLOAD_LINE = re.compile(r'Downloading:?\s+"?(\S+?)"?\s+to\s+(\S+)')
 
 
-def _hub_repo(err: BaseException) -> str | None:
-    """The Hugging Face repo a failed hub download asked for (read from the traceback)."""
+def _traceback_value(err: BaseException, name: str) -> str | None:
+    """The innermost string local ``name`` in the traceback of ``err`` (e.g. a download URL)."""
     tb = err.__traceback__
-    repo = None
+    found = None
     while tb is not None:
-        value = tb.tb_frame.f_locals.get("repo_id")
-        repo = value if isinstance(value, str) else repo
+        value = tb.tb_frame.f_locals.get(name)
+        found = value if isinstance(value, str) else found
         tb = tb.tb_next
-    return repo
+    return found
 
 
 def _explain_failure(err: BaseException, log: str) -> str:
@@ -236,7 +236,11 @@ def _explain_failure(err: BaseException, log: str) -> str:
         if downloads:
             url, target = downloads[-1]
             return f"weights not downloadable ({cause}): {url}; place the file at {target}"
-        repo = _hub_repo(err)
+        url, target = _traceback_value(err, "url"), _traceback_value(err, "download_target")
+        if url:
+            place = f"; place the file at {target}" if target else ""
+            return f"weights not downloadable ({cause}): {url}{place}"
+        repo = _traceback_value(err, "repo_id")
         where = f" repo {repo}" if repo else ""
         return f"weights not downloadable from the Hugging Face Hub{where} ({type(err).__name__})"
     first_line = (str(err).strip().splitlines() or [""])[0][:200]
