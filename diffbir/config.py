@@ -46,11 +46,12 @@ def load_config(
     else:
         cfg = OmegaConf.load(resolve_config_path(path_or_name, group))
     OmegaConf.set_struct(cfg, True)
-    if overrides:
+    for override in overrides:  # one at a time, so that an error names the bad one
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
         except Exception as err:  # omegaconf raises ConfigKeyError / ValidationError
-            raise ValueError(f"bad config override {list(overrides)}: {err}") from err
+            first_line = (str(err).strip().splitlines() or [""])[0]
+            raise ValueError(f"bad config override {override!r}: {first_line}") from err
     return cfg
 
 

@@ -91,3 +91,13 @@ def test_bsrnet_and_scunet_sizes(parity_dir: Path) -> None:
 def test_swinir_rejects_unknown_upsampler() -> None:
     with pytest.raises(ValueError, match="upsampler"):
         build_model(load_config("swinir_tiny", overrides=["params.upsampler=pixelshuffle"]))
+
+
+def test_config_overrides_apply_in_order_and_errors_name_the_bad_one() -> None:
+    cfg = load_config("swinir_tiny", ["params.embed_dim=24", "params.embed_dim=12"])
+    assert cfg.params.embed_dim == 12
+    with pytest.raises(ValueError) as info:
+        load_config("swinir_tiny", ["params.embed_dim=24", "params.embeddim=8", "name=x"])
+    message = str(info.value)
+    assert "'params.embeddim=8'" in message and "embed_dim=24" not in message
+    assert "\n" not in message
