@@ -203,6 +203,33 @@ def test_tiled_equals_untiled_when_one_tile_covers(restorer) -> None:
     assert torch.equal(plain.samples, tiled.samples)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_restoration_is_close_to_fp32(
+    restorer, parity_dir: Path, precision: str
+) -> None:
+    """The whole pipeline (stage 1, tiled VAE and diffusion, guidance, CFG) in bf16/fp16:
+    weights in that dtype, the sampler state and the outputs in float32, close to fp32."""
+    half = build_restorer(
+        "sr",
+        WeightPaths(
+            parity_dir / "sd.ckpt", parity_dir / "controlnet.pth", parity_dir / "bsrnet.pth"
+        ),
+        cldm_config="control_ldm_tiny",
+        stage1_config="bsrnet_tiny",
+        device="cpu",
+        precision=precision,
+    )
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert {p.dtype for p in half.cldm.parameters()} == {dtype}
+    lq = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    tiles = TileOptions(stage1=24, vae_encoder=48, vae_decoder=48, diffusion=48)
+    opts = _opts(guidance=GuidanceOptions(scale=0.5), tiles=tiles)
+    ref, out = restorer.restore(lq, [[3]], opts), half.restore(lq, [[3]], opts)
+    assert out.samples.dtype == out.stage1.dtype == torch.float32
+    for a, b in ((out.stage1, ref.stage1), (out.samples, ref.samples)):
+        assert (a - b).abs().max() < 0.05 and (a - b).abs().mean() < 0.005
+
+
 def test_tiled_guidance_has_an_effect(restorer) -> None:
     lq = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(3))
     tiles = TileOptions(stage1=16, vae_encoder=32, vae_decoder=32, diffusion=32)
