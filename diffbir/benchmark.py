@@ -3,7 +3,11 @@
 Times stage 1, VAE encode, one CFG sampling step of UNet + IRControlNet (cond and uncond in one
 batched forward), VAE decode and one whole image; counts the step's FLOPs with torch's
 ``FlopCounterMode`` and compares the step's FLOP rate with this machine's matmul rate in the
-same precision, measured in the same run. That ratio is comparable across machines.
+same precision. That ratio is comparable across machines. Each timed step is followed by a
+sustained matmul measurement, and the reported ratio is the median of these adjacent pairs, so
+that load from other processes on a shared machine affects both sides of each pair alike.
+On CPU the run keeps freed memory mapped for reuse, as ``diffbir-infer`` does
+(:func:`~diffbir.pipeline.retain_cpu_heap`; ``--system-malloc`` turns it off).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +36,7 @@ from diffbir.pipeline import (
     Stage1,
     resolve_device,
 )
-from diffbir.pipeline.restorer import PRECISIONS
+from diffbir.pipeline.device import PRECISIONS, retain_cpu_heap
 
 STAGE1_UPSCALE = {"bsrnet": 4, "swinir": 1, "scunet": 1}
 PARTS = ("stage1", "encode", "step", "decode", "image")
@@ -66,13 +71,20 @@ def time_fn(
     return statistics.median(times), times
 
 
-def matmul_rate(size: int, dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
-    """Best FLOP/s of a ``size`` x ``size`` matmul (2 n^3 FLOPs) over ``repeats`` calls."""
+def matmul_rate(size: int, dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
+    """Sustained FLOP/s of back-to-back ``size`` x ``size`` matmuls (2 n^3 FLOPs each) over at
+    least ``seconds`` (after one warm-up call): long enough to average out short bursts."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
     b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
-    _, times = time_fn(lambda: a @ b, device, repeats, warmup=1)
-    return 2 * size**3 / min(times)
+    a @ b
+    _sync(device)
+    calls, start = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < seconds:
+        a @ b
+        calls += 1
+        _sync(device)
+    return 2 * size**3 * calls / (time.perf_counter() - start)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -107,7 +119,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
     p.add_argument("--image-repeats", type=int, default=1, help="timed whole-image runs")
     p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument(
+        "--matmul-seconds", type=float, default=2.0, help="length of each matmul measurement"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="on CPU, leave malloc as it is (default: keep freed memory mapped, as diffbir-infer)",
+    )
     p.add_argument(
         "--parts",
         default=",".join(PARTS),
@@ -135,6 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = PRECISIONS[args.precision]
+    heap_retained = device.type == "cpu" and not args.system_malloc and retain_cpu_heap()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     cldm, stage1 = build_models(args.config, args.stage1)
@@ -158,6 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "steps": args.steps,
+        "heap_retained": heap_retained,
     }
     timed = {"repeats": args.repeats, "warmup": args.warmup, "device": device}
     with torch.inference_mode():
@@ -172,12 +194,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             x = (image * 2 - 1).to(dtype)
             results["vae_encode_s"], _ = time_fn(lambda: cldm.vae_encode(x), **timed)
             z = cldm.vae_encode(x)
+        matmul = partial(matmul_rate, args.matmul_size, dtype, device, args.matmul_seconds)
         if "step" in args.parts:
-            _progress("sampling step")
-            results.update(_bench_step(cldm, z, dtype, args.cfg_scale, timed))
-        # Measured right after the step, so that both see the same machine load.
-        _progress("matmul")
-        rate = matmul_rate(args.matmul_size, dtype, device)
+            _progress("sampling step and matmul, in turn")
+            results.update(_bench_step(cldm, z, dtype, args.cfg_scale, matmul, timed))
+        else:
+            _progress("matmul")
+            results["matmul_flops_per_s"] = matmul()
         if "decode" in args.parts:
             _progress("VAE decode")
             results["vae_decode_s"], _ = time_fn(lambda: cldm.vae_decode(z), **timed)
@@ -191,12 +214,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         results["peak_memory_bytes"] = peak_memory_bytes(device)
     results["matmul_size"] = args.matmul_size
-    results["matmul_flops_per_s"] = rate
     if "step_s" in results:
         flops = count_step_flops(args.config, latent, cfg=args.cfg_scale != 1)
+        pairs = results.pop("step_matmul_pairs")
         results["step_flops"] = flops
         results["step_flops_per_s"] = flops / results["step_s"]
-        results["step_over_matmul"] = results["step_flops_per_s"] / rate
+        results["matmul_flops_per_s"] = statistics.median(rate for _, rate in pairs)
+        results["step_over_matmul"] = statistics.median(flops / s / rate for s, rate in pairs)
+        results["step_over_matmul_range"] = [
+            min(flops / s / rate for s, rate in pairs),
+            max(flops / s / rate for s, rate in pairs),
+        ]
     return results
 
 
@@ -223,9 +251,15 @@ def count_step_flops(config: str, latent: int, cfg: bool = True) -> int:
 
 
 def _bench_step(
-    cldm: torch.nn.Module, z: torch.Tensor, dtype: torch.dtype, scale: float, timed: dict
+    cldm: torch.nn.Module,
+    z: torch.Tensor,
+    dtype: torch.dtype,
+    scale: float,
+    matmul: Callable[[], float],
+    timed: dict,
 ) -> dict[str, Any]:
-    """Time one CFG step (one batch-2 forward of UNet + IRControlNet) at latent ``z``."""
+    """Time one CFG step (one batch-2 forward of UNet + IRControlNet) at latent ``z``; after
+    each timed step, measure the matmul rate. Returns the median step time and the pairs."""
     texts = cldm.encode_text(["", DEFAULT_NEG_PROMPT]).to(dtype)
     latent = z.to(dtype)
     cond = {"text": texts[:1], "latent": latent}
@@ -233,8 +267,14 @@ def _bench_step(
     denoiser = cfg_denoiser(cldm, cond, uncond, scale)
     x = torch.randn(z.shape, generator=torch.Generator().manual_seed(1)).to(z.device, dtype)
     t = torch.full((1,), 500, device=z.device, dtype=torch.long)
-    seconds, _ = time_fn(lambda: denoiser(x, t), **timed)
-    return {"step_s": seconds}
+    pairs: list[tuple[float, float]] = []
+    for index in range(timed["repeats"]):
+        warmup = timed["warmup"] if index == 0 else 0
+        _, (seconds,) = time_fn(lambda: denoiser(x, t), timed["device"], repeats=1, warmup=warmup)
+        pairs.append((seconds, matmul()))
+        if sum(s for s, _ in pairs) > TIME_BUDGET_S:
+            break
+    return {"step_s": statistics.median(s for s, _ in pairs), "step_matmul_pairs": pairs}
 
 
 def _fmt_bytes(n: float) -> str:
@@ -257,6 +297,7 @@ ROWS = (
     ("step_flops_per_s", "step FLOP rate", lambda v: _fmt_flops(v, "/s")),
     ("matmul_flops_per_s", "matmul FLOP rate", lambda v: _fmt_flops(v, "/s")),
     ("step_over_matmul", "step rate / matmul rate", lambda v: f"{v:.3f}"),
+    ("step_over_matmul_range", "  range over the pairs", lambda v: f"{v[0]:.3f} - {v[1]:.3f}"),
 )
 
 
@@ -267,6 +308,7 @@ def format_table(results: dict[str, Any]) -> str:
         f"{results['size']}x{results['size']} (latent {results['latent']}x{results['latent']}), "
         f"{results['precision']}, {results['device']}, {results['threads']} threads, "
         f"median of {results['repeats']} after {results['warmup']} warm-up"
+        + (", freed memory kept mapped" if results["heap_retained"] else "")
     )
     rows = [(label, fmt(results[key])) for key, label, fmt in ROWS if key in results]
     if "image_s" in results:

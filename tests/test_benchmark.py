@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ def test_benchmark_script_tiny_prints_every_field(tmp_path: Path) -> None:
         sys.executable,
         str(REPO_ROOT / "scripts" / "benchmark.py"),
         "--config", "tiny", "--size", "64", "--precision", "fp32", "--device", "cpu",
-        "--repeats", "1", "--warmup", "0", "--matmul-size", "128", "--threads", "1",
+        "--repeats", "1", "--warmup", "0", "--matmul-size", "128", "--matmul-seconds", "0.2",
+        "--threads", "1",
         "--json", str(out_json),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
@@ -31,6 +33,8 @@ def test_benchmark_script_tiny_prints_every_field(tmp_path: Path) -> None:
         assert label in proc.stdout, label
     assert results["step_flops"] > 0 and results["matmul_flops_per_s"] > 0
     assert results["latent"] == 8 and results["config"] == "tiny"
+    low, high = results["step_over_matmul_range"]
+    assert low <= results["step_over_matmul"] <= high
 
 
 @pytest.mark.parametrize("argv", [["--size", "100"], ["--parts", "step,warp"], ["--steps", "1"]])
@@ -39,3 +43,33 @@ def test_benchmark_rejects_bad_arguments(argv: list[str], capsys) -> None:
         main(argv)
     assert exc.value.code == 2
     assert argv[0] in capsys.readouterr().err
+
+
+_FAULTS = """
+import resource, sys, torch
+from diffbir.pipeline import retain_cpu_heap
+applied = retain_cpu_heap() if sys.argv[1] == "retain" else False
+def faults_of_fresh_tensor():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 2**20)  # 64 MiB, freed at once
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_fresh_tensor()
+print(applied, min(faults_of_fresh_tensor() for _ in range(3)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
+def test_retained_heap_reuses_pages_of_freed_tensors() -> None:
+    """With the default malloc every fresh 64 MiB tensor page-faults all its 16k pages; with
+    the heap retained, a tensor allocated after one was freed reuses the mapped pages."""
+    out = {}
+    for mode in ("system", "retain"):
+        proc = subprocess.run(
+            [sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr
+        applied, faults = proc.stdout.split()
+        out[mode] = (applied == "True", int(faults))
+    pages = 64 * 2**20 // resource.getpagesize()
+    assert out["system"] == (False, out["system"][1]) and out["system"][1] > pages // 2
+    assert out["retain"][0] and out["retain"][1] < pages // 20

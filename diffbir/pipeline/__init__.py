@@ -1,5 +1,6 @@
 """Inference: the two-stage pipeline, tiling, image I/O and the ``diffbir-infer`` CLI."""
 
+from diffbir.pipeline.device import PRECISIONS, resolve_device, retain_cpu_heap
 from diffbir.pipeline.loading import TASKS, WeightPaths, build_restorer, resolve_weight_paths
 from diffbir.pipeline.restorer import (
     DEFAULT_NEG_PROMPT,
@@ -9,11 +10,11 @@ from diffbir.pipeline.restorer import (
     RestoreResult,
     Stage1,
     TileOptions,
-    resolve_device,
 )
 
 __all__ = [
     "DEFAULT_NEG_PROMPT",
+    "PRECISIONS",
     "GuidanceOptions",
     "RestoreOptions",
     "RestoreResult",
@@ -25,4 +26,5 @@ __all__ = [
     "build_restorer",
     "resolve_device",
     "resolve_weight_paths",
+    "retain_cpu_heap",
 ]

@@ -20,16 +20,15 @@ from tqdm import tqdm
 
 from diffbir.checkpoint import CheckpointError
 from diffbir.pipeline.color import COLOR_FIXES
+from diffbir.pipeline.device import PRECISIONS, resolve_device, retain_cpu_heap
 from diffbir.pipeline.image_io import ImageReadError, list_inputs, read_image, to_tensor, write_png
 from diffbir.pipeline.loading import TASKS, build_restorer, resolve_weight_paths
 from diffbir.pipeline.restorer import (
     DEFAULT_NEG_PROMPT,
-    PRECISIONS,
     GuidanceOptions,
     RestoreOptions,
     Restorer,
     TileOptions,
-    resolve_device,
 )
 from diffbir.pipeline.samples import SAMPLE_NAMES, load_sample
 from diffbir.weights import WEIGHTS_ENV, MissingWeightsError
@@ -142,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("device")
     d.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
     d.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps")
+    d.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="on CPU, leave malloc as it is (default: keep freed memory mapped for reuse, "
+        "about 5%% faster steps; the process keeps its peak memory until it exits)",
+    )
 
     w = p.add_argument_group("weights and configs")
     w.add_argument(
@@ -296,6 +301,8 @@ def run(args: argparse.Namespace) -> int:
             todo.append(job)
     if todo:
         device = resolve_device(args.device)
+        if device.type == "cpu" and not args.system_malloc:
+            retain_cpu_heap()
         paths = resolve_weight_paths(
             args.task,
             args.weights_dir,

@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 from diffbir.checkpoint import load_weights, read_state_dict
 from diffbir.config import build_model, load_config
-from diffbir.pipeline.restorer import PRECISIONS, Restorer, Stage1, resolve_device
+from diffbir.pipeline.device import PRECISIONS, resolve_device
+from diffbir.pipeline.restorer import Restorer, Stage1
 from diffbir.weights import check_weights, weight_path
 
 SD_FILE = "v2-1_512-ema-pruned.ckpt"
