@@ -36,7 +36,7 @@ from diffbir.pipeline import (
     Stage1,
     resolve_device,
 )
-from diffbir.pipeline.device import PRECISIONS, retain_cpu_heap
+from diffbir.pipeline.device import PRECISIONS, add_device_arguments, retain_cpu_heap
 
 STAGE1_UPSCALE = {"bsrnet": 4, "swinir": 1, "scunet": 1}
 PARTS = ("stage1", "encode", "step", "decode", "image")
@@ -109,10 +109,9 @@ def build_models(config: str, stage1: str) -> tuple[torch.nn.Module, Stage1]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="benchmark", description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=512, help="output image side (multiple of 64)")
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    add_device_arguments(p)
     p.add_argument("--config", choices=("tiny", "full"), default="full")
     p.add_argument("--stage1", choices=sorted(STAGE1_UPSCALE), default="bsrnet")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--steps", type=int, default=2, help="sampling steps of the whole image")
     p.add_argument("--cfg-scale", type=float, default=4.0)
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
@@ -123,11 +122,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--matmul-seconds", type=float, default=2.0, help="length of each matmul measurement"
     )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument(
-        "--system-malloc",
-        action="store_true",
-        help="on CPU, leave malloc as it is (default: keep freed memory mapped, as diffbir-infer)",
-    )
     p.add_argument(
         "--parts",
         default=",".join(PARTS),

@@ -1,4 +1,4 @@
-"""Shared fixtures: the parity fixture folder and the reference tolerance."""
+"""Shared fixtures: the parity fixture folder, the reference tolerance, one torch thread."""
 
 from __future__ import annotations
 
@@ -11,6 +11,16 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = REPO_ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_thread():
+    """The suite runs tiny models: one intra-op thread is as fast, and it does not stall when
+    another process holds one of a small machine's cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _parity_dir() -> Path:

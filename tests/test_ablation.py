@@ -55,14 +55,6 @@ EXPECTED_CHANGES: dict[str, dict[str, tuple[int, ...]]] = {
 HINT_PREFIX = "input_hint_block."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to a busy machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}

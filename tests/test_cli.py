@@ -30,14 +30,6 @@ INPUTS = {
 BROKEN = ("empty.png", "garbage.png", "truncated.jpg", "anim.gif")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory) -> Path:

@@ -30,14 +30,6 @@ EVAL_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "eval"
 LUMA = np.array([0.299, 0.587, 0.114])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Small images: one intra-op thread is as fast, and immune to a busy machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _photos(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))

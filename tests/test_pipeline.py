@@ -25,16 +25,6 @@ from diffbir.pipeline.restorer import (
 )
 from diffbir.pipeline.tiling import gaussian_weight, run_tiled, tile_boxes, tile_starts
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------- image I/O
 
 

@@ -22,15 +22,6 @@ RESUME_STEPS = 6
 TRAIN_IMAGES = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: these tiny models gain nothing from more, and on a busy 2-core
-    machine more threads spin-wait and make the runs many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _write_list(path: Path, images: list[Path]) -> Path:
     path.write_text("".join(f"{p}\n" for p in images))

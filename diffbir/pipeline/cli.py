@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from diffbir.checkpoint import CheckpointError
 from diffbir.pipeline.color import COLOR_FIXES
-from diffbir.pipeline.device import PRECISIONS, resolve_device, retain_cpu_heap
+from diffbir.pipeline.device import add_device_arguments, resolve_device, retain_cpu_heap
 from diffbir.pipeline.image_io import ImageReadError, list_inputs, read_image, to_tensor, write_png
 from diffbir.pipeline.loading import TASKS, build_restorer, resolve_weight_paths
 from diffbir.pipeline.restorer import (
@@ -138,15 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--diffusion-tile", type=int, default=512, help="pixels, multiple of 8")
     t.add_argument("--diffusion-tile-stride", type=int, default=256, help="multiple of 8")
 
-    d = p.add_argument_group("device")
-    d.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
-    d.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps")
-    d.add_argument(
-        "--system-malloc",
-        action="store_true",
-        help="on CPU, leave malloc as it is (default: keep freed memory mapped for reuse, "
-        "about 5%% faster steps; the process keeps its peak memory until it exits)",
-    )
+    add_device_arguments(p.add_argument_group("device"))
 
     w = p.add_argument_group("weights and configs")
     w.add_argument(
