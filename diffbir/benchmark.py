@@ -36,7 +36,12 @@ from diffbir.pipeline import (
     Stage1,
     resolve_device,
 )
-from diffbir.pipeline.device import PRECISIONS, add_device_arguments, retain_cpu_heap
+from diffbir.pipeline.device import (
+    PRECISIONS,
+    add_device_arguments,
+    retain_cpu_heap,
+    warn_if_slow_precision,
+)
 
 STAGE1_UPSCALE = {"bsrnet": 4, "swinir": 1, "scunet": 1}
 PARTS = ("stage1", "encode", "step", "decode", "image")
@@ -149,6 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = PRECISIONS[args.precision]
+    warn_if_slow_precision(device, dtype)
     heap_retained = device.type == "cpu" and not args.system_malloc and retain_cpu_heap()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

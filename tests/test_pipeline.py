@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from diffbir.pipeline.color import adain, color_fix, wavelet
+from diffbir.pipeline.device import cpu_has_fast_half
 from diffbir.pipeline.image_io import ImageReadError, list_inputs, read_image, write_png
 from diffbir.pipeline.loading import WeightPaths, build_restorer
 from diffbir.pipeline.restorer import (
@@ -199,17 +201,21 @@ def test_half_precision_restoration_is_close_to_fp32(
 ) -> None:
     """The whole pipeline (stage 1, tiled VAE and diffusion, guidance, CFG) in bf16/fp16:
     weights in that dtype, the sampler state and the outputs in float32, close to fp32."""
-    half = build_restorer(
-        "sr",
-        WeightPaths(
-            parity_dir / "sd.ckpt", parity_dir / "controlnet.pth", parity_dir / "bsrnet.pth"
-        ),
-        cldm_config="control_ldm_tiny",
-        stage1_config="bsrnet_tiny",
-        device="cpu",
-        precision=precision,
-    )
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        half = build_restorer(
+            "sr",
+            WeightPaths(
+                parity_dir / "sd.ckpt", parity_dir / "controlnet.pth", parity_dir / "bsrnet.pth"
+            ),
+            cldm_config="control_ldm_tiny",
+            stage1_config="bsrnet_tiny",
+            device="cpu",
+            precision=precision,
+        )
+    slow = [w for w in caught if f"no native {precision} support" in str(w.message)]
+    assert len(slow) == (0 if cpu_has_fast_half(dtype) else 1)
     assert {p.dtype for p in half.cldm.parameters()} == {dtype}
     lq = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     tiles = TileOptions(stage1=24, vae_encoder=48, vae_decoder=48, diffusion=48)

@@ -6,6 +6,7 @@ import argparse
 import ctypes
 import ctypes.util
 import sys
+import warnings
 
 import torch
 
@@ -66,3 +67,29 @@ def add_device_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
         help="on CPU, leave malloc as it is (default: keep freed memory mapped for reuse, "
         "about 5%% faster steps; the process keeps its peak memory until it exits)",
     )
+
+
+def cpu_has_fast_half(dtype: torch.dtype) -> bool:
+    """Whether this CPU computes ``dtype`` (bf16/fp16) natively through oneDNN (AVX512-BF16,
+    AVX512-FP16 or AMX); without that, PyTorch falls back to kernels far slower than fp32."""
+    check = {
+        torch.bfloat16: "_is_mkldnn_bf16_supported",
+        torch.float16: "_is_mkldnn_fp16_supported",
+    }.get(dtype)
+    if check is None:
+        return True
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def warn_if_slow_precision(device: torch.device, dtype: torch.dtype) -> None:
+    """Warn when ``dtype`` on ``device`` is a CPU half precision without hardware support."""
+    if device.type == "cpu" and not cpu_has_fast_half(dtype):
+        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        warnings.warn(
+            f"--precision {name}: this CPU has no native {name} support, so {name} runs far "
+            "slower than fp32 here (results are still correct); use --precision fp32 on it",
+            stacklevel=2,
+        )

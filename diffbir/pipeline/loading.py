@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from diffbir.checkpoint import load_weights, read_state_dict
 from diffbir.config import build_model, load_config
-from diffbir.pipeline.device import PRECISIONS, resolve_device
+from diffbir.pipeline.device import PRECISIONS, resolve_device, warn_if_slow_precision
 from diffbir.pipeline.restorer import Restorer, Stage1
 from diffbir.weights import check_weights, weight_path
 
@@ -102,6 +102,7 @@ def build_restorer(
             raise ValueError(f"precision: expected one of {sorted(PRECISIONS)}, got {precision!r}")
         precision = PRECISIONS[precision]
     device = resolve_device(device) if isinstance(device, str) else device
+    warn_if_slow_precision(device, precision)
     stage1_config = stage1_config or spec.stage1_config
     if task == "custom" and paths.stage1 is not None and stage1_config is None:
         raise ValueError("--task custom with --stage1-weights needs --stage1-config")
