@@ -39,9 +39,10 @@ def retain_cpu_heap() -> bool:
 
     glibc serves large blocks with fresh ``mmap`` pages and returns them on ``free``, so each
     sampling step page-faults its big activation tensors anew. Serving every block from the heap
-    and never trimming it lets later steps reuse pages already mapped; on the CPU of our
-    benchmark a full-size step runs about 5% faster. The process's resident memory then stays at
-    its peak until it exits (the peak itself is unchanged). Process-wide; call once, early.
+    and never trimming it lets later calls reuse pages already mapped. On our 2-core benchmark
+    machine (full size, 512x512, fp32) a sampling step ran 9% faster, VAE encode and decode
+    21-25% faster, with an 12% higher peak (9.2 instead of 8.2 GiB); the resident memory then
+    stays at that peak until the process exits. Process-wide; call once, early.
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -64,8 +65,8 @@ def add_device_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument(
         "--system-malloc",
         action="store_true",
-        help="on CPU, leave malloc as it is (default: keep freed memory mapped for reuse, "
-        "about 5%% faster steps; the process keeps its peak memory until it exits)",
+        help="on CPU, leave malloc as it is (default: keep freed memory mapped for reuse: "
+        "about 10%% faster steps and 20%% faster VAE, 12%% more peak memory, held until exit)",
     )
 
 
