@@ -41,7 +41,7 @@ def retain_cpu_heap() -> bool:
     sampling step page-faults its big activation tensors anew. Serving every block from the heap
     and never trimming it lets later calls reuse pages already mapped. On our 2-core benchmark
     machine (full size, 512x512, fp32) a sampling step ran 9% faster, VAE encode and decode
-    21-25% faster, with an 12% higher peak (9.2 instead of 8.2 GiB); the resident memory then
+    21-25% faster, with a 12% higher peak (9.2 instead of 8.2 GiB); the resident memory then
     stays at that peak until the process exits. Process-wide; call once, early.
     """
     if not sys.platform.startswith("linux"):
