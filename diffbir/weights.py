@@ -219,9 +219,9 @@ def download(
                     out.write(chunk)
                     bar.update(len(chunk))
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-        raise DownloadError(
-            f"{url}: download failed ({err}); the partial file {part} is kept, run again to resume"
-        ) from err
+        kept = part.is_file() and part.stat().st_size > 0
+        hint = f"the partial file {part} is kept, run again to resume" if kept else "run again"
+        raise DownloadError(f"{url}: download failed ({err}); {hint}") from err
     size = part.stat().st_size
     if total is not None and size != total:
         raise DownloadError(

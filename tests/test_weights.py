@@ -85,9 +85,10 @@ def test_download_file_url_and_resume(tmp_path: Path) -> None:
     assert download(src.as_uri(), dest2.with_name("x.bin"), progress=False).read_bytes() == PAYLOAD
     assert not long_part.exists()
 
-    with pytest.raises(DownloadError, match="no such file"):
+    with pytest.raises(DownloadError, match="no such file") as err:
         download((tmp_path / "missing.bin").as_uri(), tmp_path / "w" / "m.bin", progress=False)
     assert not (tmp_path / "w" / "m.bin").exists()
+    assert "partial file" not in str(err.value)  # nothing was fetched, nothing is kept
 
 
 class _RangeHandler(http.server.SimpleHTTPRequestHandler):
