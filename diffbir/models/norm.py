@@ -1,15 +1,24 @@
-"""Normalisation layers that compute in float32 whatever the activation dtype (fp16/bf16 safe)."""
+"""Normalisation layers that compute in float32 whatever the activation dtype (fp16/bf16 safe),
+and GroupNorm statistics shared across the tiles of one image."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32, result cast back to the input dtype."""
+    """GroupNorm computed in float32, result cast back to the input dtype.
+
+    Inside a :class:`SharedGroupNormStats` context it normalises with that context's statistics.
+    """
+
+    shared_stats: SharedGroupNormStats | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.shared_stats is not None:
+            return self.shared_stats.normalize(self, x)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
@@ -22,6 +31,76 @@ class LayerNorm32(nn.LayerNorm):
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class SharedGroupNormStats:
+    """Normalise the tiles of one input with statistics of the whole input (tiled VAE).
+
+    Within ``with SharedGroupNormStats(module) as stats:`` every :class:`GroupNorm32` of
+    ``module`` first *records*: it normalises each call with that call's own statistics (as
+    usual) and adds the call's per-sample, per-group sums over :attr:`region` (the part of the
+    tile no other tile counts). After :meth:`freeze` it *applies*: every call is normalised with
+    the mean and variance of all recorded calls. Recording all tiles, then running them again,
+    gives every tile the same normalisation: exactly the whole-input statistics for the first
+    GroupNorm, close to them for later ones (their inputs came from per-tile normalisation).
+    Memory: two (B, G) sums per layer.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.layers = [m for m in module.modules() if isinstance(m, GroupNorm32)]
+        self.sums: dict[GroupNorm32, tuple[Tensor, Tensor, int]] = {}
+        self.recording = True
+        # While recording: the part of each call's (H, W) extent to count, as fractions
+        # (y0, y1, x0, x1); overlapping tiles set their own parts so that no pixel counts twice.
+        self.region: tuple[float, float, float, float] | None = None
+
+    def __enter__(self) -> SharedGroupNormStats:
+        for layer in self.layers:
+            layer.shared_stats = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for layer in self.layers:
+            layer.shared_stats = None
+
+    def freeze(self) -> None:
+        """Stop recording; from now on normalise with the recorded statistics."""
+        if not self.sums:
+            raise RuntimeError("no GroupNorm statistics recorded before freeze()")
+        self.recording = False
+
+    def _counted(self, x: Tensor) -> Tensor:
+        if self.region is None:
+            return x
+        height, width = x.shape[-2:]
+        y0, y1, x0, x1 = self.region
+        return x[
+            ..., round(y0 * height) : round(y1 * height), round(x0 * width) : round(x1 * width)
+        ]
+
+    def normalize(self, layer: GroupNorm32, x: Tensor) -> Tensor:
+        grouped = x.float().reshape(x.shape[0], layer.num_groups, -1)
+        if self.recording:
+            wide = self._counted(x).double().reshape(x.shape[0], layer.num_groups, -1)
+            total, squares, count = wide.sum(-1), wide.square().sum(-1), wide.shape[-1]
+            if layer in self.sums:
+                before = self.sums[layer]
+                total, squares, count = total + before[0], squares + before[1], count + before[2]
+            self.sums[layer] = (total, squares, count)
+            mean = grouped.mean(-1, keepdim=True)
+            var = grouped.var(-1, unbiased=False, keepdim=True)
+        else:
+            total, squares, count = self.sums[layer]
+            mean64 = total / count
+            var64 = (squares / count - mean64.square()).clamp_min(0)
+            mean, var = mean64.float()[..., None], var64.float()[..., None]
+        y = ((grouped - mean) * torch.rsqrt(var + layer.eps)).reshape(x.shape)
+        if layer.affine:
+            shape = (-1,) + (1,) * (x.ndim - 2)
+            y = y * layer.weight.float().view(shape) + layer.bias.float().view(shape)
+        if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            y = y.contiguous(memory_format=torch.channels_last)
+        return y.to(x.dtype)
 
 
 def init_transformer_weights(module: nn.Module) -> None:

@@ -25,6 +25,7 @@ from diffbir.pipeline.image_io import ImageReadError, list_inputs, read_image, t
 from diffbir.pipeline.loading import TASKS, build_restorer, resolve_weight_paths
 from diffbir.pipeline.restorer import (
     DEFAULT_NEG_PROMPT,
+    VAE_SHARED_NORM,
     GuidanceOptions,
     RestoreOptions,
     Restorer,
@@ -137,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vae-decoder-tile", type=int, default=256, help="pixels, multiple of 8")
     t.add_argument("--diffusion-tile", type=int, default=512, help="pixels, multiple of 8")
     t.add_argument("--diffusion-tile-stride", type=int, default=256, help="multiple of 8")
+    t.add_argument(
+        "--vae-shared-norm",
+        choices=VAE_SHARED_NORM,
+        default="encoder",
+        help="tiled VAE parts whose GroupNorms use whole-image statistics (one extra pass)",
+    )
 
     add_device_arguments(p.add_argument_group("device"))
 
@@ -171,6 +178,7 @@ def options_from_args(args: argparse.Namespace) -> RestoreOptions:
             vae_decoder=args.vae_decoder_tile,
             diffusion=args.diffusion_tile,
             diffusion_stride=args.diffusion_tile_stride,
+            vae_shared_norm=args.vae_shared_norm,
         )
     guidance = GuidanceOptions(
         scale=args.g_scale if args.guidance else 0.0,

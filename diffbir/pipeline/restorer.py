@@ -28,7 +28,7 @@ from diffbir.diffusion import (
 )
 from diffbir.diffusion.samplers import ConditionalModel, Guidance
 from diffbir.pipeline.color import COLOR_FIXES, color_fix
-from diffbir.pipeline.tiling import TiledGuidance, TiledModel, run_tiled
+from diffbir.pipeline.tiling import TiledGuidance, TiledModel, run_tiled, run_tiled_shared_norm
 
 DEFAULT_NEG_PROMPT = "low quality, blurry, low-resolution, noisy, unsharp, weird textures"
 LATENT_FACTOR = 8
@@ -58,6 +58,7 @@ class GuidanceOptions:
             raise ValueError(f"guidance scale (--g-scale): expected >= 0, got {self.scale}")
 
 
+VAE_SHARED_NORM = ("encoder", "decoder", "both", "none")
 _TILE_FLAGS = {
     "stage1": "--stage1-tile",
     "stage1_stride": "--stage1-tile-stride",
@@ -79,8 +80,15 @@ class TileOptions:
     vae_decoder: int | None = None
     diffusion: int | None = None
     diffusion_stride: int | None = None
+    # VAE parts whose GroupNorms use whole-image statistics when tiled (see run_tiled_shared_norm)
+    vae_shared_norm: str = "encoder"
 
     def __post_init__(self) -> None:
+        if self.vae_shared_norm not in VAE_SHARED_NORM:
+            raise ValueError(
+                f"--vae-shared-norm: expected one of {VAE_SHARED_NORM}, "
+                f"got {self.vae_shared_norm!r}"
+            )
         for name in ("vae_encoder", "vae_decoder", "diffusion", "diffusion_stride"):
             value = getattr(self, name)
             if value is not None and (value <= 0 or value % LATENT_FACTOR):
@@ -152,8 +160,6 @@ class RestoreResult:
     def images(self) -> Tensor:
         """The first sample of each input, (B, 3, H, W)."""
         return self.samples[:, 0]
-
-
 
 
 def _resize(img: Tensor, size: tuple[int, int]) -> Tensor:
@@ -228,11 +234,19 @@ class Restorer:
     def _encode(self, image: Tensor, tiles: TileOptions) -> Tensor:
         tile = tiles.vae_encoder
         stride = None if tile is None else max(8, tile * 3 // 4 // 8 * 8)
+        if tiles.vae_shared_norm in ("encoder", "both"):
+            return run_tiled_shared_norm(
+                self.cldm.vae_encode, image, tile, stride, self.cldm.vae.encoder, LATENT_FACTOR
+            )
         return run_tiled(self.cldm.vae_encode, image, tile, stride, align=LATENT_FACTOR)
 
     def _decode(self, z: Tensor, tiles: TileOptions) -> Tensor:
         tile = None if tiles.vae_decoder is None else tiles.vae_decoder // LATENT_FACTOR
         stride = None if tile is None else max(1, tile * 3 // 4)
+        if tiles.vae_shared_norm in ("decoder", "both"):
+            return run_tiled_shared_norm(
+                self.cldm.vae_decode, z, tile, stride, self.cldm.vae.decoder
+            )
         return run_tiled(self.cldm.vae_decode, z, tile, stride)
 
     # ----- stage 2 -----
