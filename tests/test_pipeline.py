@@ -27,6 +27,7 @@ from diffbir.pipeline.restorer import (
     target_size,
 )
 from diffbir.pipeline.tiling import (
+    TiledModel,
     gaussian_weight,
     run_tiled,
     run_tiled_shared_norm,
@@ -135,6 +136,31 @@ def test_run_tiled_matches_untiled_for_local_function() -> None:
         return torch.nn.functional.avg_pool2d(t, 8)
 
     torch.testing.assert_close(run_tiled(down, x, 16, 8, align=8), down(x), rtol=0, atol=1e-5)
+
+
+def test_tiled_model_blends_exactly_and_builds_its_layout_once() -> None:
+    """A pointwise model is unchanged by tiling; the boxes and Gaussian weights of a latent
+    size are built at the first step and reused by the following ones."""
+    calls = []
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        calls.append(tuple(x.shape[-2:]))
+        assert cond["latent"].shape[-2:] == x.shape[-2:]
+        assert cond["image"].shape[-2:] == (8 * x.shape[-2], 8 * x.shape[-1])
+        return torch.tanh(x) * cond["latent"] + cond["text"].mean()
+
+    x = torch.randn(1, 4, 12, 20)
+    cond = {
+        "latent": torch.randn(1, 4, 12, 20),
+        "image": torch.rand(1, 3, 96, 160),
+        "text": torch.randn(1, 7, 16),
+    }
+    tiled = TiledModel(model_fn, tile=8, stride=4)
+    first, second = tiled(x, torch.zeros(1), cond), tiled(x, torch.zeros(1), cond)
+    whole = torch.tanh(x) * cond["latent"] + cond["text"].mean()
+    torch.testing.assert_close(first, whole, atol=1e-6, rtol=1e-6)
+    assert torch.equal(first, second) and len(tiled._layouts) == 1
+    assert len(calls) == 2 * 2 * 4 and set(calls) == {(8, 8)}
 
 
 def test_shared_groupnorm_statistics_make_tiles_agree() -> None:

@@ -160,35 +160,60 @@ def _crop_cond(cond: Mapping[str, Tensor], box: Box, size: tuple[int, int]) -> d
     return out
 
 
+class TileLayout:
+    """The tile boxes of a grid with their Gaussian blending weights and the weights' sum:
+    built once per grid size and reused at every sampling step."""
+
+    def __init__(
+        self, height: int, width: int, tile: int, stride: int, device=None, dtype=torch.float32
+    ) -> None:
+        self.tile, self.stride = tile, stride
+        self.boxes = tile_boxes(height, width, tile, stride)
+        self.weights = [
+            gaussian_weight(y1 - y0, x1 - x0, device=device, dtype=dtype)
+            for y0, y1, x0, x1 in self.boxes
+        ]
+        self.total = torch.zeros(height, width, device=device, dtype=dtype)
+        for (y0, y1, x0, x1), w in zip(self.boxes, self.weights, strict=True):
+            self.total[y0:y1, x0:x1] += w
+
+    def blend(self, run: Callable[[int, Box], Tensor], like: Tensor) -> Tensor:
+        """Sum of ``run(index, box) * weight`` over the tiles, divided by the summed weights."""
+        out = torch.zeros_like(like, dtype=self.total.dtype)
+        for index, ((y0, y1, x0, x1), w) in enumerate(zip(self.boxes, self.weights, strict=True)):
+            out[..., y0:y1, x0:x1] += run(index, (y0, y1, x0, x1)) * w
+        return out / self.total
+
+
 class TiledModel:
     """A conditional model ``model_fn(x, t, cond)`` run on overlapping latent tiles.
 
     Spatial condition tensors (4-D: ``cond["latent"]``, or a condition image at 8x) are cropped
-    with ``x``, scaled to their resolution; others
-    (the text context) are passed whole. Tile outputs are blended with Gaussian weights, so
-    with sampling every step sees one seamless noise prediction.
+    with ``x``, scaled to their resolution; others (the text context) are passed whole. Tile
+    outputs are blended with Gaussian weights, so with sampling every step sees one seamless
+    noise prediction.
     """
 
     def __init__(self, model_fn: ConditionalModel, tile: int, stride: int) -> None:
         self.model_fn = model_fn
         self.tile = tile
         self.stride = stride
+        self._layouts: dict[tuple, TileLayout] = {}
 
     def __call__(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        height, width = x.shape[-2:]
-        boxes = tile_boxes(height, width, self.tile, self.stride)
-        if len(boxes) == 1:
+        size = (x.shape[-2], x.shape[-1])
+        key = (*size, x.device)
+        if key not in self._layouts:
+            self._layouts[key] = TileLayout(*size, self.tile, self.stride, device=x.device)
+        layout = self._layouts[key]
+        if len(layout.boxes) == 1:
             return self.model_fn(x, t, cond)
-        out = torch.zeros_like(x, dtype=torch.float32)
-        weights = x.new_zeros(height, width, dtype=torch.float32)
-        for box in boxes:
+
+        def run(index: int, box: Box) -> Tensor:
             y0, y1, x0, x1 = box
-            tile_cond = _crop_cond(cond, box, (height, width))
-            piece = self.model_fn(x[..., y0:y1, x0:x1], t, tile_cond).float()
-            w = gaussian_weight(y1 - y0, x1 - x0, device=x.device)
-            out[..., y0:y1, x0:x1] += piece * w
-            weights[y0:y1, x0:x1] += w
-        return out / weights
+            return self.model_fn(x[..., y0:y1, x0:x1], t, _crop_cond(cond, box, size)).float()
+
+        return layout.blend(run, x)
 
 
 class TiledGuidance:
@@ -206,17 +231,19 @@ class TiledGuidance:
         tile: int,
         stride: int,
     ) -> None:
-        self.boxes = tile_boxes(*latent_size, tile, stride)
-        self.guides = [make(*box) for box in self.boxes]
+        self.layout = TileLayout(*latent_size, tile, stride)
+        self.guides = [make(*box) for box in self.layout.boxes]
 
     def __call__(self, pred_x0: Tensor, t_model: int, coef1: float) -> Tensor:
-        if len(self.boxes) == 1:
+        if len(self.guides) == 1:
             return self.guides[0](pred_x0, t_model, coef1)
-        out = torch.zeros_like(pred_x0)
-        weights = pred_x0.new_zeros(pred_x0.shape[-2:])
-        for (y0, y1, x0, x1), guide in zip(self.boxes, self.guides, strict=True):
-            piece = guide(pred_x0[..., y0:y1, x0:x1], t_model, coef1)
-            w = gaussian_weight(y1 - y0, x1 - x0, device=pred_x0.device, dtype=pred_x0.dtype)
-            out[..., y0:y1, x0:x1] += piece * w
-            weights[y0:y1, x0:x1] += w
-        return out / weights
+        if self.layout.total.device != pred_x0.device:
+            self.layout = TileLayout(
+                *self.layout.total.shape, self.layout.tile, self.layout.stride, pred_x0.device
+            )
+
+        def run(index: int, box: Box) -> Tensor:
+            y0, y1, x0, x1 = box
+            return self.guides[index](pred_x0[..., y0:y1, x0:x1], t_model, coef1)
+
+        return self.layout.blend(run, pred_x0).to(pred_x0.dtype)
