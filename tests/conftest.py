@@ -10,7 +10,15 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED = REPO_ROOT.parent / "shared"
+# The read-only shared data: $DIFFBIR_SHARED, else ../shared next to the clone, else /work/shared
+# (where the project's machines keep it), so that a clone anywhere finds it.
+SHARED = Path(
+    os.environ.get("DIFFBIR_SHARED")
+    or next(
+        (p for p in (REPO_ROOT.parent / "shared", Path("/work/shared")) if p.is_dir()),
+        REPO_ROOT.parent / "shared",
+    )
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
