@@ -220,11 +220,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["step_flops"] = flops
         results["step_flops_per_s"] = flops / results["step_s"]
         results["matmul_flops_per_s"] = statistics.median(rate for _, rate in pairs)
-        results["step_over_matmul"] = statistics.median(flops / s / rate for s, rate in pairs)
-        results["step_over_matmul_range"] = [
-            min(flops / s / rate for s, rate in pairs),
-            max(flops / s / rate for s, rate in pairs),
-        ]
+        ratios = [flops / seconds / rate for seconds, rate in pairs]
+        results["step_over_matmul"] = statistics.median(ratios)
+        results["step_over_matmul_range"] = [min(ratios), max(ratios)]
     return results
 
 

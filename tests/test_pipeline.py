@@ -30,7 +30,6 @@ from diffbir.pipeline.tiling import (
     TiledModel,
     gaussian_weight,
     run_tiled,
-    run_tiled_shared_norm,
     tile_boxes,
     tile_starts,
 )
@@ -173,8 +172,8 @@ def test_shared_groupnorm_statistics_make_tiles_agree() -> None:
     with torch.no_grad():
         whole = model(x)
         per_tile = run_tiled(model, x, 16, 12)
-        shared = run_tiled_shared_norm(model, x, 16, 12, model)
-        assert torch.equal(run_tiled_shared_norm(model, x, 40, None, model), whole.float())
+        shared = run_tiled(model, x, 16, 12, shared_norms=model)
+        assert torch.equal(run_tiled(model, x, 40, shared_norms=model), whole.float())
     assert (per_tile - whole).abs().max() > 0.1
     torch.testing.assert_close(shared, whole, atol=1e-5, rtol=1e-5)
     assert model[0].shared_stats is None  # the context is left
@@ -197,7 +196,7 @@ def test_shared_statistics_bring_the_tiled_vae_encoder_closer(
         with torch.no_grad():
             whole = cldm.vae_encode(x)
             per_tile = run_tiled(cldm.vae_encode, x, 64, 48, align=8)
-            shared = run_tiled_shared_norm(cldm.vae_encode, x, 64, 48, cldm.vae.encoder, 8)
+            shared = run_tiled(cldm.vae_encode, x, 64, 48, 8, shared_norms=cldm.vae.encoder)
         errors["per_tile"] += (per_tile - whole).abs().mean().item()
         errors["shared"] += (shared - whole).abs().mean().item()
     assert errors["shared"] < 0.9 * errors["per_tile"]

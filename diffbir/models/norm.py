@@ -17,8 +17,11 @@ class GroupNorm32(nn.GroupNorm):
     shared_stats: SharedGroupNormStats | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.shared_stats is not None:
-            return self.shared_stats.normalize(self, x)
+        stats = self.shared_stats
+        if stats is not None:
+            if not stats.recording:
+                return stats.normalize(self, x)
+            stats.record(self, x)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
@@ -37,9 +40,9 @@ class SharedGroupNormStats:
     """Normalise the tiles of one input with statistics of the whole input (tiled VAE).
 
     Within ``with SharedGroupNormStats(module) as stats:`` every :class:`GroupNorm32` of
-    ``module`` first *records*: it normalises each call with that call's own statistics (as
-    usual) and adds the call's per-sample, per-group sums over :attr:`region` (the part of the
-    tile no other tile counts). After :meth:`freeze` it *applies*: every call is normalised with
+    ``module`` first *records*: it normalises each call as usual, with that call's own
+    statistics, and adds the call's per-sample, per-group sums over :attr:`region` (the part of
+    the tile no other tile counts). After :meth:`freeze` it *applies*: every call is normalised with
     the mean and variance of all recorded calls. Recording all tiles, then running them again,
     gives every tile the same normalisation: exactly the whole-input statistics for the first
     GroupNorm, close to them for later ones (their inputs came from per-tile normalisation).
@@ -69,32 +72,28 @@ class SharedGroupNormStats:
             raise RuntimeError("no GroupNorm statistics recorded before freeze()")
         self.recording = False
 
-    def _counted(self, x: Tensor) -> Tensor:
-        if self.region is None:
-            return x
-        height, width = x.shape[-2:]
-        y0, y1, x0, x1 = self.region
-        return x[
-            ..., round(y0 * height) : round(y1 * height), round(x0 * width) : round(x1 * width)
-        ]
+    def record(self, layer: GroupNorm32, x: Tensor) -> None:
+        """Add the per-sample, per-group sums of ``x`` over :attr:`region` for ``layer``."""
+        if self.region is not None:
+            height, width = x.shape[-2:]
+            top, bottom, left, right = self.region
+            rows = slice(round(top * height), round(bottom * height))
+            x = x[..., rows, round(left * width) : round(right * width)]
+        wide = x.double().reshape(x.shape[0], layer.num_groups, -1)
+        total, squares, count = wide.sum(-1), wide.square().sum(-1), wide.shape[-1]
+        if layer in self.sums:
+            before = self.sums[layer]
+            total, squares, count = total + before[0], squares + before[1], count + before[2]
+        self.sums[layer] = (total, squares, count)
 
     def normalize(self, layer: GroupNorm32, x: Tensor) -> Tensor:
+        """``layer`` applied to ``x`` with the recorded statistics."""
+        total, squares, count = self.sums[layer]
+        mean = total / count
+        var = (squares / count - mean.square()).clamp_min(0)
         grouped = x.float().reshape(x.shape[0], layer.num_groups, -1)
-        if self.recording:
-            wide = self._counted(x).double().reshape(x.shape[0], layer.num_groups, -1)
-            total, squares, count = wide.sum(-1), wide.square().sum(-1), wide.shape[-1]
-            if layer in self.sums:
-                before = self.sums[layer]
-                total, squares, count = total + before[0], squares + before[1], count + before[2]
-            self.sums[layer] = (total, squares, count)
-            mean = grouped.mean(-1, keepdim=True)
-            var = grouped.var(-1, unbiased=False, keepdim=True)
-        else:
-            total, squares, count = self.sums[layer]
-            mean64 = total / count
-            var64 = (squares / count - mean64.square()).clamp_min(0)
-            mean, var = mean64.float()[..., None], var64.float()[..., None]
-        y = ((grouped - mean) * torch.rsqrt(var + layer.eps)).reshape(x.shape)
+        scale = torch.rsqrt(var.float()[..., None] + layer.eps)
+        y = ((grouped - mean.float()[..., None]) * scale).reshape(x.shape)
         if layer.affine:
             shape = (-1,) + (1,) * (x.ndim - 2)
             y = y * layer.weight.float().view(shape) + layer.bias.float().view(shape)

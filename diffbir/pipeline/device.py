@@ -88,7 +88,7 @@ def cpu_has_fast_half(dtype: torch.dtype) -> bool:
 def warn_if_slow_precision(device: torch.device, dtype: torch.dtype) -> None:
     """Warn when ``dtype`` on ``device`` is a CPU half precision without hardware support."""
     if device.type == "cpu" and not cpu_has_fast_half(dtype):
-        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        name = next(key for key, value in PRECISIONS.items() if value == dtype)
         warnings.warn(
             f"--precision {name}: this CPU has no native {name} support, so {name} runs far "
             "slower than fp32 here (results are still correct); use --precision fp32 on it",

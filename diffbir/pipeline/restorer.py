@@ -28,7 +28,7 @@ from diffbir.diffusion import (
 )
 from diffbir.diffusion.samplers import ConditionalModel, Guidance
 from diffbir.pipeline.color import COLOR_FIXES, color_fix
-from diffbir.pipeline.tiling import TiledGuidance, TiledModel, run_tiled, run_tiled_shared_norm
+from diffbir.pipeline.tiling import TiledGuidance, TiledModel, run_tiled
 
 DEFAULT_NEG_PROMPT = "low quality, blurry, low-resolution, noisy, unsharp, weird textures"
 LATENT_FACTOR = 8
@@ -80,7 +80,7 @@ class TileOptions:
     vae_decoder: int | None = None
     diffusion: int | None = None
     diffusion_stride: int | None = None
-    # VAE parts whose GroupNorms use whole-image statistics when tiled (see run_tiled_shared_norm)
+    # VAE parts whose GroupNorms use whole-image statistics when tiled (see run_tiled)
     vae_shared_norm: str = "encoder"
 
     def __post_init__(self) -> None:
@@ -234,20 +234,14 @@ class Restorer:
     def _encode(self, image: Tensor, tiles: TileOptions) -> Tensor:
         tile = tiles.vae_encoder
         stride = None if tile is None else max(8, tile * 3 // 4 // 8 * 8)
-        if tiles.vae_shared_norm in ("encoder", "both"):
-            return run_tiled_shared_norm(
-                self.cldm.vae_encode, image, tile, stride, self.cldm.vae.encoder, LATENT_FACTOR
-            )
-        return run_tiled(self.cldm.vae_encode, image, tile, stride, align=LATENT_FACTOR)
+        shared = self.cldm.vae.encoder if tiles.vae_shared_norm in ("encoder", "both") else None
+        return run_tiled(self.cldm.vae_encode, image, tile, stride, LATENT_FACTOR, shared)
 
     def _decode(self, z: Tensor, tiles: TileOptions) -> Tensor:
         tile = None if tiles.vae_decoder is None else tiles.vae_decoder // LATENT_FACTOR
         stride = None if tile is None else max(1, tile * 3 // 4)
-        if tiles.vae_shared_norm in ("decoder", "both"):
-            return run_tiled_shared_norm(
-                self.cldm.vae_decode, z, tile, stride, self.cldm.vae.decoder
-            )
-        return run_tiled(self.cldm.vae_decode, z, tile, stride)
+        shared = self.cldm.vae.decoder if tiles.vae_shared_norm in ("decoder", "both") else None
+        return run_tiled(self.cldm.vae_decode, z, tile, stride, shared_norms=shared)
 
     # ----- stage 2 -----
     def schedule(self, steps: int) -> SpacedSchedule:

@@ -78,20 +78,47 @@ def run_tiled(
     tile: int | None,
     stride: int | None = None,
     align: int = 1,
+    shared_norms: nn.Module | None = None,
 ) -> Tensor:
     """``fn`` over overlapping tiles of ``x`` (B, C, H, W), blended into one output.
 
     ``fn`` may change the channel count and scale the spatial size by a fixed factor (e.g. x4
     super-resolution, /8 VAE encoding, x8 decoding); the factor is read off the first tile.
     ``tile=None`` (or a tile covering ``x``) calls ``fn(x)`` once. Output float32.
+
+    With ``shared_norms``, its GroupNorm layers normalise every tile with statistics of the
+    whole input (:class:`~diffbir.models.norm.SharedGroupNormStats`): a first pass over the
+    tiles records them, each pixel counted once (overlaps are split at their middle), and a
+    second pass produces the output, at twice the compute. On the test VAE this brought tiled
+    encodings closer to untiled ones; decodings were not (the decoder's mid-block attention,
+    cut at tile borders, dominates its tile error there).
     """
     height, width = x.shape[-2:]
     if tile is None or (height <= tile and width <= tile):
         return fn(x).float()
-    boxes = tile_boxes(height, width, tile, stride or default_stride(tile, align), align)
+    stride = stride or default_stride(tile, align)
+    if shared_norms is None:
+        return _blend_tiles(fn, x, tile, stride, align)
+    rows = tile_starts(height, tile, stride, align)
+    cols = tile_starts(width, tile, stride, align)
+    with SharedGroupNormStats(shared_norms) as stats:
+        for y, (oy0, oy1) in zip(rows, _owned(rows, tile, height), strict=True):
+            for x0, (ox0, ox1) in zip(cols, _owned(cols, tile, width), strict=True):
+                th, tw = min(tile, height - y), min(tile, width - x0)
+                stats.region = ((oy0 - y) / th, (oy1 - y) / th, (ox0 - x0) / tw, (ox1 - x0) / tw)
+                fn(x[..., y : y + th, x0 : x0 + tw])
+        stats.region = None
+        stats.freeze()
+        return _blend_tiles(fn, x, tile, stride, align)
+
+
+def _blend_tiles(
+    fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, stride: int, align: int
+) -> Tensor:
+    height, width = x.shape[-2:]
     out = weights = None
     scale = 1.0
-    for y0, y1, x0, x1 in boxes:
+    for y0, y1, x0, x1 in tile_boxes(height, width, tile, stride, align):
         piece = fn(x[..., y0:y1, x0:x1]).float()
         if out is None:
             scale = piece.shape[-1] / (x1 - x0)
@@ -108,38 +135,6 @@ def run_tiled(
         out[..., oy0 : oy0 + oh, ox0 : ox0 + ow] += piece * w
         weights[oy0 : oy0 + oh, ox0 : ox0 + ow] += w
     return out / weights
-
-
-def run_tiled_shared_norm(
-    fn: Callable[[Tensor], Tensor],
-    x: Tensor,
-    tile: int | None,
-    stride: int | None,
-    norms: nn.Module,
-    align: int = 1,
-) -> Tensor:
-    """:func:`run_tiled` with the GroupNorm layers of ``norms`` normalising every tile with
-    statistics of the whole input (:class:`~diffbir.models.norm.SharedGroupNormStats`): a
-    first pass over the tiles records them, each pixel counted once (overlaps are split at
-    their middle), and a second pass produces the output. Twice the compute when tiled; one
-    covering tile is a single plain call, as for :func:`run_tiled`. On the test VAE this
-    brought tiled encodings closer to untiled ones; decodings were not (the decoder's
-    mid-block attention, cut at tile borders, dominates its tile error there)."""
-    height, width = x.shape[-2:]
-    if tile is None or (height <= tile and width <= tile):
-        return fn(x).float()
-    stride = stride or default_stride(tile, align)
-    rows = tile_starts(height, tile, stride, align)
-    cols = tile_starts(width, tile, stride, align)
-    with SharedGroupNormStats(norms) as stats:
-        for y, (oy0, oy1) in zip(rows, _owned(rows, tile, height), strict=True):
-            for x0, (ox0, ox1) in zip(cols, _owned(cols, tile, width), strict=True):
-                th, tw = min(tile, height - y), min(tile, width - x0)
-                stats.region = ((oy0 - y) / th, (oy1 - y) / th, (ox0 - x0) / tw, (ox1 - x0) / tw)
-                fn(x[..., y : y + th, x0 : x0 + tw])
-        stats.region = None
-        stats.freeze()
-        return run_tiled(fn, x, tile, stride, align)
 
 
 def _crop_cond(cond: Mapping[str, Tensor], box: Box, size: tuple[int, int]) -> dict[str, Tensor]:
@@ -162,23 +157,21 @@ def _crop_cond(cond: Mapping[str, Tensor], box: Box, size: tuple[int, int]) -> d
 
 class TileLayout:
     """The tile boxes of a grid with their Gaussian blending weights and the weights' sum:
-    built once per grid size and reused at every sampling step."""
+    built once per grid size and reused at every sampling step (moved once to the device the
+    blended tensors are on)."""
 
-    def __init__(
-        self, height: int, width: int, tile: int, stride: int, device=None, dtype=torch.float32
-    ) -> None:
-        self.tile, self.stride = tile, stride
+    def __init__(self, height: int, width: int, tile: int, stride: int) -> None:
         self.boxes = tile_boxes(height, width, tile, stride)
-        self.weights = [
-            gaussian_weight(y1 - y0, x1 - x0, device=device, dtype=dtype)
-            for y0, y1, x0, x1 in self.boxes
-        ]
-        self.total = torch.zeros(height, width, device=device, dtype=dtype)
+        self.weights = [gaussian_weight(y1 - y0, x1 - x0) for y0, y1, x0, x1 in self.boxes]
+        self.total = torch.zeros(height, width)
         for (y0, y1, x0, x1), w in zip(self.boxes, self.weights, strict=True):
             self.total[y0:y1, x0:x1] += w
 
     def blend(self, run: Callable[[int, Box], Tensor], like: Tensor) -> Tensor:
         """Sum of ``run(index, box) * weight`` over the tiles, divided by the summed weights."""
+        if self.total.device != like.device:
+            self.weights = [w.to(like.device) for w in self.weights]
+            self.total = self.total.to(like.device)
         out = torch.zeros_like(like, dtype=self.total.dtype)
         for index, ((y0, y1, x0, x1), w) in enumerate(zip(self.boxes, self.weights, strict=True)):
             out[..., y0:y1, x0:x1] += run(index, (y0, y1, x0, x1)) * w
@@ -198,14 +191,13 @@ class TiledModel:
         self.model_fn = model_fn
         self.tile = tile
         self.stride = stride
-        self._layouts: dict[tuple, TileLayout] = {}
+        self._layouts: dict[tuple[int, int], TileLayout] = {}
 
     def __call__(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         size = (x.shape[-2], x.shape[-1])
-        key = (*size, x.device)
-        if key not in self._layouts:
-            self._layouts[key] = TileLayout(*size, self.tile, self.stride, device=x.device)
-        layout = self._layouts[key]
+        if size not in self._layouts:
+            self._layouts[size] = TileLayout(*size, self.tile, self.stride)
+        layout = self._layouts[size]
         if len(layout.boxes) == 1:
             return self.model_fn(x, t, cond)
 
@@ -237,10 +229,6 @@ class TiledGuidance:
     def __call__(self, pred_x0: Tensor, t_model: int, coef1: float) -> Tensor:
         if len(self.guides) == 1:
             return self.guides[0](pred_x0, t_model, coef1)
-        if self.layout.total.device != pred_x0.device:
-            self.layout = TileLayout(
-                *self.layout.total.shape, self.layout.tile, self.layout.stride, pred_x0.device
-            )
 
         def run(index: int, box: Box) -> Tensor:
             y0, y1, x0, x1 = box
