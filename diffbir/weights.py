@@ -22,6 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from diffbir.checkpoint import WeightsNotFoundError
+from diffbir.versions import DEFAULT_VERSION, VERSIONS, get_version, versions_of_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS_ENV = "DIFFBIR_WEIGHTS_DIR"
@@ -46,44 +47,51 @@ OFFICIAL_WEIGHTS: dict[str, WeightFile] = {
     for w in (
         WeightFile(
             "v2-1_512-ema-pruned.ckpt",
-            "Stable Diffusion 2.1-base: UNet, VAE and text encoder of stage 2 (all tasks)",
+            "Stable Diffusion 2.1-base: UNet, VAE and text encoder of v1 and v2",
             f"{_HF_SD}/v2-1_512-ema-pruned.ckpt",
         ),
         WeightFile(
-            "v2.pth", "IRControlNet v2, stage 2 of every task (default)", f"{_HF_V2}/v2.pth"
+            "sd2.1-base-zsnr-laionaes5.ckpt",
+            "Stable Diffusion 2.1-base, v-prediction, zero terminal SNR: UNet, VAE and text "
+            "encoder of v2.1",
+            f"{_HF_V2}/sd2.1-base-zsnr-laionaes5.ckpt",
         ),
-        WeightFile("DiffBIR_v2.1.pt", "IRControlNet v2.1 (optional)", f"{_HF_V2}/DiffBIR_v2.1.pt"),
-        WeightFile("BSRNet.pth", "stage 1 of task sr (BSRNet, x4)", f"{_KAIR}/BSRNet.pth"),
+        WeightFile("v2.pth", "IRControlNet v2, every task (the paper)", f"{_HF_V2}/v2.pth"),
+        WeightFile(
+            "DiffBIR_v2.1.pt",
+            "IRControlNet v2.1, every task (default)",
+            f"{_HF_V2}/DiffBIR_v2.1.pt",
+        ),
+        WeightFile("v1_general.pth", "IRControlNet v1, sr and denoise", f"{_HF_V1}/v1_general.pth"),
+        WeightFile("v1_face.pth", "IRControlNet v1, face", f"{_HF_V1}/v1_face.pth"),
+        WeightFile("BSRNet.pth", "stage 1 of v2 sr (BSRNet, x4)", f"{_KAIR}/BSRNet.pth"),
         WeightFile(
             "scunet_color_real_psnr.pth",
-            "stage 1 of task denoise (SCUNet, PSNR model)",
+            "stage 1 of v2 denoise (SCUNet, PSNR model)",
             f"{_KAIR}/scunet_color_real_psnr.pth",
         ),
         WeightFile(
-            "face_swinir_v1.ckpt", "stage 1 of task face (SwinIR)", f"{_HF_V1}/face_swinir_v1.ckpt"
+            "realesrgan_s4_swinir_100k.pth",
+            "stage 1 of v2.1 sr and denoise (SwinIR, Real-ESRGAN degradations)",
+            f"{_HF_V2}/realesrgan_s4_swinir_100k.pth",
         ),
         WeightFile(
             "general_swinir_v1.ckpt",
-            "stage 1 of the v1 general model (SwinIR; optional, e.g. with --task custom)",
+            "stage 1 of v1 sr and denoise (SwinIR)",
             f"{_HF_V1}/general_swinir_v1.ckpt",
         ),
         WeightFile(
-            "v1_general.pth",
-            "IRControlNet v1, general images (optional)",
-            f"{_HF_V1}/v1_general.pth",
+            "face_swinir_v1.ckpt",
+            "stage 1 of face, every version (SwinIR)",
+            f"{_HF_V1}/face_swinir_v1.ckpt",
         ),
-        WeightFile("v1_face.pth", "IRControlNet v1, faces (optional)", f"{_HF_V1}/v1_face.pth"),
     )
 }
 
-# What `diffbir-download` fetches by default: everything the v2 pipeline's three tasks need.
-DEFAULT_DOWNLOADS = (
-    "v2-1_512-ema-pruned.ckpt",
-    "v2.pth",
-    "BSRNet.pth",
-    "scunet_color_real_psnr.pth",
-    "face_swinir_v1.ckpt",
-)
+
+def version_downloads(version: str) -> list[str]:
+    """The official files of ``version`` (every task), as ``diffbir-download --version`` fetches."""
+    return get_version(version).all_files()
 
 
 class MissingWeightsError(WeightsNotFoundError):
@@ -256,7 +264,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "names",
         nargs="*",
-        help=f"file names to fetch (default: the v2 pipeline's files {list(DEFAULT_DOWNLOADS)})",
+        help="file names to fetch (default: every file of --version)",
+    )
+    parser.add_argument(
+        "--version",
+        choices=sorted(VERSIONS),
+        help=f"fetch the files of this model version, every task (default: {DEFAULT_VERSION})",
     )
     parser.add_argument("--all", action="store_true", help="fetch every official file")
     parser.add_argument("--list", action="store_true", help="list the official files and exit")
@@ -275,9 +288,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         for w in OFFICIAL_WEIGHTS.values():
             state = "present" if (weights_dir / w.name).is_file() else "missing"
-            print(f"{w.name}\t{state}\t{w.use}\t{w.url}")
+            versions = ",".join(versions_of_file(w.name))
+            print(f"{w.name}\t{state}\t{versions}\t{w.use}\t{w.url}")
         return 0
-    names = list(OFFICIAL_WEIGHTS) if args.all else (args.names or list(DEFAULT_DOWNLOADS))
+    if args.names and args.version:
+        print("give file names or --version, not both", file=sys.stderr)
+        return 2
+    if args.all:
+        names = list(OFFICIAL_WEIGHTS)
+    else:
+        names = args.names or version_downloads(args.version or DEFAULT_VERSION)
     unknown = [n for n in names if n not in OFFICIAL_WEIGHTS]
     if unknown:
         print(

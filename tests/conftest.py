@@ -84,3 +84,72 @@ def assert_close_ref(ours: torch.Tensor, ref: torch.Tensor, name: str = "") -> N
     tol = 1e-4 * max(1.0, ref.abs().max().item())
     err = (ours - ref).abs().max().item()
     assert err <= tol, f"{name}: max abs error {err:.3e} > tolerance {tol:.3e}"
+
+
+# ------------------------------------------- official file names holding the tiny parity models
+
+# official file name -> (parity file it holds, format); formats as the official files are stored
+OFFICIAL_TINY = {
+    "v2-1_512-ema-pruned.ckpt": ("sd.ckpt", "wrapped"),
+    "sd2.1-base-zsnr-laionaes5.ckpt": ("sd.ckpt", "wrapped"),
+    "v1_general.pth": ("controlnet.pth", "flat"),
+    "v1_face.pth": ("controlnet.pth", "flat"),
+    "v2.pth": ("controlnet.pth", "flat"),
+    "DiffBIR_v2.1.pt": ("controlnet.pth", "flat"),
+    "general_swinir_v1.ckpt": ("swinir.ckpt", "module"),
+    "face_swinir_v1.ckpt": ("swinir.ckpt", "module"),
+    "realesrgan_s4_swinir_100k.pth": ("swinir.ckpt", "flat"),
+    "BSRNet.pth": ("bsrnet.pth", "flat"),
+    "scunet_color_real_psnr.pth": ("scunet.pth", "flat"),
+}
+MARKER_KEY = {
+    "sd.ckpt": "model.diffusion_model.out.2.bias",
+    "controlnet.pth": "middle_block_out.0.bias",
+    "swinir.ckpt": "conv_last.bias",
+    "bsrnet.pth": "conv_last.bias",
+    "scunet.pth": "m_tail.0.weight",
+}
+
+
+def marker(name: str) -> float:
+    """The value that the tiny file saved under official ``name`` holds in its marker tensor."""
+    return 0.01 * (1 + sorted(OFFICIAL_TINY).index(name))
+
+
+@pytest.fixture(scope="session")
+def official_tiny_dir(tmp_path_factory, parity_dir: Path) -> Path:
+    """The tiny parity models under every official file name, in the official formats, each file
+    told apart by a marker tensor filled with :func:`marker` (see ``MARKER_KEY``)."""
+    from diffbir.checkpoint import read_state_dict
+
+    root = tmp_path_factory.mktemp("official_tiny")
+    for name, (source, fmt) in OFFICIAL_TINY.items():
+        sd = read_state_dict(parity_dir / source)
+        key = MARKER_KEY[source]
+        sd[key] = torch.full_like(sd[key], marker(name))
+        if fmt == "wrapped":
+            torch.save({"state_dict": sd, "global_step": 0}, root / name)
+        elif fmt == "module":
+            torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, root / name)
+        else:
+            torch.save(sd, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_configs(tmp_path_factory):
+    """``configs/`` with the tiny model configs under the full-size names (control_ldm, swinir,
+    bsrnet, scunet), so that the official selection path builds tiny models."""
+    from diffbir import config
+
+    root = tmp_path_factory.mktemp("configs")
+    (root / "model").mkdir()
+    for name in ("control_ldm", "swinir", "bsrnet", "scunet"):
+        text = (config.CONFIG_ROOT / "model" / f"{name}_tiny.yaml").read_text()
+        (root / "model" / f"{name}.yaml").write_text(text)
+    for group in ("inference", "train"):
+        (root / group).symlink_to(config.CONFIG_ROOT / group)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(config, "CONFIG_ROOT", root)
+    yield root
+    patch.undo()

@@ -360,6 +360,7 @@ def test_controlnet_variant_restores_through_the_tiled_pipeline(
     restorer = build_restorer(
         "custom",
         WeightPaths(parity_dir / "sd.ckpt", weights, None),
+        version="v2",
         cldm_config="control_ldm_tiny_controlnet",
         device="cpu",
     )

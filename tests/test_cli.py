@@ -74,7 +74,7 @@ def _args(weights_dir: Path, output: Path, *extra: str, task: str = "sr") -> lis
     return [
         "--output", str(output), "--weights-dir", str(weights_dir),
         "--cldm-config", "control_ldm_tiny", *stage1,
-        "--task", task, "--upscale", "2", "--steps", "2", "--min-side", "64",
+        "--version", "v2", "--task", task, "--upscale", "2", "--steps", "2", "--min-side", "64",
         "--cfg-scale", "2", "--seed", "7", "--device", "cpu", "--no-progress", *extra,
     ]  # fmt: skip
 

@@ -270,7 +270,7 @@ def test_preset_runs_inference_then_scores(real47_dir: Path, tmp_path: Path,
     calls = []
 
     def fake_infer(argv):
-        args = pipeline_cli.build_parser().parse_args(argv)  # the real diffbir-infer flags
+        args = pipeline_cli.build_parser().parse_intermixed_args(argv)  # the real flags
         calls.append(args)
         out = Path(args.output)
         out.mkdir(parents=True)
@@ -287,9 +287,10 @@ def test_preset_runs_inference_then_scores(real47_dir: Path, tmp_path: Path,
             "--weights-dir", "/w", "--out", str(out), "inference.steps=7"]
     assert cli.main(argv) == 0
     assert len(calls) == 3
-    assert [(a.guidance, a.g_scale) for a in calls] == [(False, 0.5), (True, 0.5), (True, 1.0)]
-    assert {(a.task, a.upscale, a.steps, a.seed, a.weights_dir) for a in calls} == {
-        ("sr", 4.0, 7, 231, "/w")}
+    configs = [pipeline_cli.config_from_args(a)[0] for a in calls]  # what diffbir-infer runs
+    assert [c.restore.guidance.scale for c in configs] == [0.0, 0.5, 1.0]
+    assert {(c.version, c.task, c.restore.upscale, c.restore.steps, c.seed, c.weights.dir)
+            for c in configs} == {("v2", "sr", 4.0, 7, 231, "/w")}
     text = (out / "table.md").read_text()
     assert "| Metrics | DiffBIR (s=0) | DiffBIR (s=0.5) | DiffBIR (s=1) |" in text
     assert "as reported in the paper" in text and "20.5824" in text

@@ -239,7 +239,12 @@ def restorer(parity_dir: Path):
         parity_dir / "sd.ckpt", parity_dir / "controlnet.pth", parity_dir / "bsrnet.pth"
     )
     return build_restorer(
-        "sr", paths, cldm_config="control_ldm_tiny", stage1_config="bsrnet_tiny", device="cpu"
+        "sr",
+        paths,
+        version="v2",
+        cldm_config="control_ldm_tiny",
+        stage1_config="bsrnet_tiny",
+        device="cpu",
     )
 
 
@@ -285,6 +290,7 @@ def test_half_precision_restoration_is_close_to_fp32(
                 parity_dir / "sd.ckpt", parity_dir / "controlnet.pth", parity_dir / "bsrnet.pth"
             ),
             cldm_config="control_ldm_tiny",
+            version="v2",
             stage1_config="bsrnet_tiny",
             device="cpu",
             precision=precision,
@@ -375,7 +381,12 @@ def test_stage1_of_same_size_tasks(parity_dir: Path, task: str, config: str, fil
     """SwinIR (padded to 64 by the caller) and SCUNet keep the size; the input is resized first."""
     paths = WeightPaths(parity_dir / "sd.ckpt", parity_dir / "controlnet.pth", parity_dir / file)
     restorer = build_restorer(
-        task, paths, cldm_config="control_ldm_tiny", stage1_config=config, device="cpu"
+        task,
+        paths,
+        version="v2",
+        cldm_config="control_ldm_tiny",
+        stage1_config=config,
+        device="cpu",
     )
     lq = torch.rand(1, 3, 20, 28, generator=torch.Generator().manual_seed(5))
     out = restorer.stage1(lq, _opts(upscale=1.5))

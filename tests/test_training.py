@@ -308,7 +308,7 @@ def test_exported_weights_restore_an_image(gm_run, rm_run, sd_path):
         stage1=rm_out / "export" / "swinir.safetensors",
     )
     restorer = build_restorer(
-        "custom", paths, cldm_config="control_ldm_tiny", stage1_config="swinir_tiny"
+        "custom", paths, version="v2", cldm_config="control_ldm_tiny", stage1_config="swinir_tiny"
     )
     lq = _first_val_batch(trained)["lq"][:1]
     options = RestoreOptions(steps=4, min_side=0)

@@ -29,6 +29,8 @@ def test_registry_names_and_urls() -> None:
         "v2-1_512-ema-pruned.ckpt": "huggingface.co/stabilityai/stable-diffusion-2-1-base",
         "v2.pth": "huggingface.co/lxq007/DiffBIR-v2",
         "DiffBIR_v2.1.pt": "huggingface.co/lxq007/DiffBIR-v2",
+        "sd2.1-base-zsnr-laionaes5.ckpt": "huggingface.co/lxq007/DiffBIR-v2",
+        "realesrgan_s4_swinir_100k.pth": "huggingface.co/lxq007/DiffBIR-v2",
         "BSRNet.pth": "github.com/cszn/KAIR/releases/download/v1.0",
         "scunet_color_real_psnr.pth": "github.com/cszn/KAIR/releases/download/v1.0",
         "general_swinir_v1.ckpt": "huggingface.co/lxq007/DiffBIR/",

@@ -313,7 +313,8 @@ def _preset_datasets(cfg: DictConfig) -> list[Dataset]:
 
 # preset ``inference``/``infer`` keys -> diffbir-infer flags (see ``diffbir-infer --help``)
 _INFER_FLAGS = {
-    "task": "--task", "upscale": "--upscale", "steps": "--steps", "seed": "--seed",
+    "version": "--version", "task": "--task", "upscale": "--upscale", "steps": "--steps",
+    "seed": "--seed",
     "cfg_scale": "--cfg-scale", "weights_dir": "--weights-dir", "sd_weights": "--sd-weights",
     "controlnet_weights": "--controlnet-weights", "stage1_weights": "--stage1-weights",
     "cldm_config": "--cldm-config", "stage1_config": "--stage1-config", "device": "--device",

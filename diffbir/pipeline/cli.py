@@ -8,6 +8,7 @@ and its path relative to the input, so results do not depend on order or batch s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import sys
 from collections.abc import Callable, Sequence
@@ -16,22 +17,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from diffbir.checkpoint import CheckpointError
 from diffbir.pipeline.color import COLOR_FIXES
 from diffbir.pipeline.device import add_device_arguments, resolve_device, retain_cpu_heap
-from diffbir.pipeline.image_io import ImageReadError, list_inputs, read_image, to_tensor, write_png
-from diffbir.pipeline.loading import TASKS, build_restorer, resolve_weight_paths
-from diffbir.pipeline.restorer import (
-    DEFAULT_NEG_PROMPT,
-    VAE_SHARED_NORM,
-    GuidanceOptions,
-    RestoreOptions,
-    Restorer,
-    TileOptions,
+from diffbir.pipeline.image_io import (
+    ImageReadError,
+    list_inputs,
+    read_image,
+    to_tensor,
+    write_png,
+    write_text,
 )
+from diffbir.pipeline.presets import (
+    CONFIG_FILE,
+    TILED,
+    InferenceConfig,
+    build_from_config,
+    default_config,
+    differing_keys,
+    dump,
+    resolve_config,
+)
+from diffbir.pipeline.prompts import PROMPTS_FILE, prompts_csv, read_prompts
+from diffbir.pipeline.restorer import VAE_SHARED_NORM, Restorer, TileOptions
 from diffbir.pipeline.samples import SAMPLE_NAMES, load_sample
+from diffbir.versions import DEFAULT_VERSION, TASKS, VERSION_NAMES
 from diffbir.weights import WEIGHTS_ENV, MissingWeightsError
 
 STAGE1_DIR = "stage1"
@@ -53,6 +66,11 @@ class Job:
     load: Callable[[], np.ndarray]
     outputs: list[Path]
     stage1_output: Path | None
+
+    @property
+    def stem(self) -> str:
+        """The key without its extension: how ``--prompts`` names this input."""
+        return Path(self.key).with_suffix("").as_posix()
 
     def done(self) -> bool:
         paths = [*self.outputs, *([self.stage1_output] if self.stage1_output else [])]
@@ -82,126 +100,202 @@ class Report:
         return "\n".join(lines)
 
 
+# flag dest -> config key (InferenceConfig); flags default to None: given = not None
+FLAG_KEYS = {
+    "version": "version",
+    "task": "task",
+    "prompts": "prompts",
+    "seed": "seed",
+    "num_samples": "num_samples",
+    "batch_size": "batch_size",
+    "precision": "precision",
+    "device": "device",
+    "weights_dir": "weights.dir",
+    "sd_weights": "weights.sd",
+    "controlnet_weights": "weights.controlnet",
+    "stage1_weights": "weights.stage1",
+    "cldm_config": "weights.cldm_config",
+    "stage1_config": "weights.stage1_config",
+    "train_config": "weights.train_config",
+    "upscale": "restore.upscale",
+    "steps": "restore.steps",
+    "cfg_scale": "restore.cfg_scale",
+    "pos_prompt": "restore.pos_prompt",
+    "neg_prompt": "restore.neg_prompt",
+    "strength": "restore.strength",
+    "color_fix": "restore.color_fix",
+    "min_side": "restore.min_side",
+    "g_loss": "restore.guidance.loss",
+    "g_space": "restore.guidance.space",
+    "g_scale": "restore.guidance.scale",
+    "g_start": "restore.guidance.start",
+    "g_stop": "restore.guidance.stop",
+    "g_repeat": "restore.guidance.repeat",
+    "stage1_tile": "restore.tiles.stage1",
+    "stage1_tile_stride": "restore.tiles.stage1_stride",
+    "vae_encoder_tile": "restore.tiles.vae_encoder",
+    "vae_decoder_tile": "restore.tiles.vae_decoder",
+    "diffusion_tile": "restore.tiles.diffusion",
+    "diffusion_tile_stride": "restore.tiles.diffusion_stride",
+    "vae_shared_norm": "restore.tiles.vae_shared_norm",
+}
+# --guidance without --g-scale: the official --g_scale example value
+GUIDANCE_SCALE = 0.5
+
+
+def _default(key: str) -> str:
+    """The default of a config key that no version changes, for the help text."""
+    value: object = default_config()
+    for part in key.split("."):
+        value = getattr(value, part)
+    return f"(default: {value})"
+
+
+VERSION_DEFAULT = "(default: the version's, see configs/inference/)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``diffbir-infer``."""
+    """The argument parser of ``diffbir-infer``; every restoration flag defaults to ``None``
+    (not given), the defaults live in :class:`~diffbir.pipeline.presets.InferenceConfig`."""
     p = argparse.ArgumentParser(
         prog="diffbir-infer",
         description="Blind image restoration with DiffBIR (stage-1 cleaner + IRControlNet on "
-        "Stable Diffusion 2.1). Without --input, restores degraded scikit-image sample photos.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "Stable Diffusion 2.1). Without --input, restores degraded scikit-image sample photos. "
+        "Settings: the defaults of --version, then --config PRESET, then key=value overrides "
+        "(e.g. restore.steps=20), then flags.",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)"
+    )
+    p.add_argument(
+        "--config", help="inference preset: a YAML file, or a name in configs/inference/ (v2.1)"
+    )
+    p.add_argument(
+        "--version",
+        choices=VERSION_NAMES,
+        help=f"model version (default: {DEFAULT_VERSION}; v2 is the paper's; custom: our "
+        "training, with --train-config)",
+    )
+    p.add_argument(
+        "--prompts", help="CSV of per-image positive prompts: image stem, prompt (header optional)"
     )
     io = p.add_argument_group("input and output")
     io.add_argument("--input", help="an image file or a folder of images")
     io.add_argument("--recursive", action="store_true", help="also search subfolders of --input")
-    io.add_argument("--output", default="results", help="output folder (PNG per input)")
+    io.add_argument("--output", default="results", help="output folder (default: results)")
     io.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs exist")
     io.add_argument(
         "--save-stage1", action="store_true", help=f"also write {STAGE1_DIR}/<name>.png"
     )
-    io.add_argument("--num-samples", type=int, default=1, help="restorations per input")
-    io.add_argument("--batch-size", type=int, default=1, help="same-size images per forward")
+    io.add_argument(
+        "--num-samples", type=int, help=f"restorations per input {_default('num_samples')}"
+    )
+    io.add_argument(
+        "--batch-size", type=int, help=f"same-size images per forward {_default('batch_size')}"
+    )
     io.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     r = p.add_argument_group("restoration")
-    r.add_argument("--task", choices=sorted(TASKS), default="sr")
+    r.add_argument("--task", choices=TASKS, help="(default: sr)")
     r.add_argument("--upscale", type=float, help="output size / input size (default: sr 4, else 1)")
-    r.add_argument("--steps", type=int, default=50, help="spaced-DDPM sampling steps")
-    r.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale")
-    r.add_argument("--pos-prompt", default="", help="positive prompt")
-    r.add_argument("--neg-prompt", default=DEFAULT_NEG_PROMPT, help="negative prompt")
-    r.add_argument("--strength", type=float, default=1.0, help="control strength")
+    r.add_argument("--steps", type=int, help=f"sampling steps {VERSION_DEFAULT}")
     r.add_argument(
-        "--seed", type=int, default=231, help="run seed (per-image seeds derive from it)"
+        "--cfg-scale", type=float, help=f"classifier-free guidance scale {VERSION_DEFAULT}"
     )
-    r.add_argument("--color-fix", choices=COLOR_FIXES, default="none")
+    r.add_argument("--pos-prompt", help=f"positive prompt {VERSION_DEFAULT}")
+    r.add_argument("--neg-prompt", help=f"negative prompt {VERSION_DEFAULT}")
+    r.add_argument(
+        "--strength", type=float, help=f"control strength {_default('restore.strength')}"
+    )
+    r.add_argument(
+        "--seed", type=int, help=f"run seed (per-image seeds derive from it) {_default('seed')}"
+    )
+    r.add_argument("--color-fix", choices=COLOR_FIXES, help=_default("restore.color_fix"))
     r.add_argument(
         "--min-side",
         type=int,
-        default=512,
-        help="stage 2 runs with the short side enlarged to at least this, then resizes back",
+        help="stage 2 runs with the short side enlarged to at least this, then resizes back "
+        + _default("restore.min_side"),
     )
 
     g = p.add_argument_group("restoration guidance (paper §3.4)")
-    g.add_argument("--guidance", action="store_true", help="enable restoration guidance")
-    g.add_argument("--g-loss", choices=("w_mse", "mse"), default="w_mse")
-    g.add_argument("--g-space", choices=("rgb", "latent"), default="rgb")
-    g.add_argument("--g-scale", type=float, default=0.5, help="scale s (as the official --g_scale)")
-    g.add_argument("--g-start", type=int, default=1001, help="guide while t + 1 < this")
-    g.add_argument("--g-stop", type=int, default=-1, help="guide while t + 1 > this")
-    g.add_argument("--g-repeat", type=int, default=1, help="guidance updates per step")
+    g.add_argument(
+        "--guidance",
+        action="store_true",
+        help=f"enable restoration guidance (scale {GUIDANCE_SCALE} unless --g-scale)",
+    )
+    g.add_argument("--g-loss", choices=("w_mse", "mse"), help=_default("restore.guidance.loss"))
+    g.add_argument("--g-space", choices=("rgb", "latent"), help=_default("restore.guidance.space"))
+    g.add_argument("--g-scale", type=float, help="scale s (as the official --g_scale; 0: off)")
+    g.add_argument(
+        "--g-start", type=int, help=f"guide while t + 1 < this {_default('restore.guidance.start')}"
+    )
+    g.add_argument(
+        "--g-stop", type=int, help=f"guide while t + 1 > this {_default('restore.guidance.stop')}"
+    )
+    g.add_argument(
+        "--g-repeat", type=int, help=f"updates per step {_default('restore.guidance.repeat')}"
+    )
 
-    t = p.add_argument_group("tiling (memory bounded by the tile)")
-    t.add_argument("--tiled", action="store_true", help="tile stage 1, the VAE and the diffusion")
-    t.add_argument("--stage1-tile", type=int, default=512, help="stage-1 tile (input pixels)")
-    t.add_argument("--stage1-tile-stride", type=int, default=256)
-    t.add_argument("--vae-encoder-tile", type=int, default=256, help="pixels, multiple of 8")
-    t.add_argument("--vae-decoder-tile", type=int, default=256, help="pixels, multiple of 8")
-    t.add_argument("--diffusion-tile", type=int, default=512, help="pixels, multiple of 8")
-    t.add_argument("--diffusion-tile-stride", type=int, default=256, help="multiple of 8")
+    t = p.add_argument_group("tiling (memory bounded by the tile; sizes in image pixels)")
+    t.add_argument(
+        "--tiled",
+        action="store_true",
+        help=f"tile stage 1, the VAE and the diffusion (unset tiles: {TILED})",
+    )
+    t.add_argument("--stage1-tile", type=int, help="stage-1 tile (input pixels)")
+    t.add_argument("--stage1-tile-stride", type=int)
+    t.add_argument("--vae-encoder-tile", type=int, help="multiple of 8")
+    t.add_argument("--vae-decoder-tile", type=int, help="multiple of 8")
+    t.add_argument("--diffusion-tile", type=int, help="multiple of 8")
+    t.add_argument("--diffusion-tile-stride", type=int, help="multiple of 8")
     t.add_argument(
         "--vae-shared-norm",
         choices=VAE_SHARED_NORM,
-        default="encoder",
-        help="tiled VAE parts whose GroupNorms use whole-image statistics (one extra pass)",
+        help="tiled VAE parts whose GroupNorms use whole-image statistics (one extra pass) "
+        + _default("restore.tiles.vae_shared_norm"),
     )
 
-    add_device_arguments(p.add_argument_group("device"))
+    device = p.add_argument_group("device")
+    add_device_arguments(device)
+    p.set_defaults(precision=None, device=None)  # given or not: the config decides
 
-    w = p.add_argument_group("weights and configs")
+    w = p.add_argument_group("weights and configs (default: the official files of the version)")
     w.add_argument(
         "--weights-dir", help=f"folder of the official files (${WEIGHTS_ENV} or weights/)"
     )
-    w.add_argument("--sd-weights", help="SD 2.1 checkpoint (v2-1_512-ema-pruned.ckpt)")
-    w.add_argument("--controlnet-weights", help="IRControlNet weights (v2.pth)")
-    w.add_argument("--stage1-weights", help="stage-1 weights (default: the task's official file)")
-    w.add_argument("--cldm-config", default="control_ldm", help="ControlLDM config name or YAML")
+    w.add_argument("--sd-weights", help="Stable Diffusion checkpoint")
+    w.add_argument("--controlnet-weights", help="IRControlNet weights (custom: a GM checkpoint)")
+    w.add_argument("--stage1-weights", help="stage-1 weights")
+    w.add_argument("--cldm-config", help="ControlLDM config name or YAML (default: control_ldm)")
     w.add_argument("--stage1-config", help="stage-1 config name or YAML (default: the task's)")
+    w.add_argument(
+        "--train-config", help="--version custom: the GM training config (configs/train/gm*.yaml)"
+    )
     return p
 
 
-def options_from_args(args: argparse.Namespace) -> RestoreOptions:
-    """RestoreOptions from parsed arguments (ValueError names the bad flag)."""
-    if args.num_samples < 1:
-        raise ValueError(f"--num-samples: expected >= 1, got {args.num_samples}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size: expected >= 1, got {args.batch_size}")
-    if args.steps < 2:
-        raise ValueError(f"--steps: expected >= 2, got {args.steps}")
-    if args.upscale is not None and not args.upscale > 0:
-        raise ValueError(f"--upscale: expected > 0, got {args.upscale}")
-    tiles = TileOptions()
+def flag_values(args: argparse.Namespace) -> dict[str, object]:
+    """``{config key: value}`` of the flags given on the command line."""
+    flags = {key: getattr(args, dest) for dest, key in FLAG_KEYS.items()}
+    flags = {key: value for key, value in flags.items() if value is not None}
+    if args.guidance and "restore.guidance.scale" not in flags:
+        flags["restore.guidance.scale"] = GUIDANCE_SCALE
     if args.tiled:
-        tiles = TileOptions(
-            stage1=args.stage1_tile,
-            stage1_stride=args.stage1_tile_stride,
-            vae_encoder=args.vae_encoder_tile,
-            vae_decoder=args.vae_decoder_tile,
-            diffusion=args.diffusion_tile,
-            diffusion_stride=args.diffusion_tile_stride,
-            vae_shared_norm=args.vae_shared_norm,
-        )
-    guidance = GuidanceOptions(
-        scale=args.g_scale if args.guidance else 0.0,
-        loss=args.g_loss,
-        space=args.g_space,
-        start=args.g_start,
-        stop=args.g_stop,
-        repeat=args.g_repeat,
-    )
-    upscale = args.upscale if args.upscale is not None else TASKS[args.task].default_upscale
-    return RestoreOptions(
-        upscale=upscale,
-        steps=args.steps,
-        cfg_scale=args.cfg_scale,
-        pos_prompt=args.pos_prompt,
-        neg_prompt=args.neg_prompt,
-        strength=args.strength,
-        guidance=guidance,
-        color_fix=args.color_fix,
-        min_side=args.min_side,
-        tiles=tiles,
-        progress=not args.no_progress,
-    )
+        for f in dataclasses.fields(TileOptions):
+            key = f"restore.tiles.{f.name}"
+            if key not in flags and f.name != "vae_shared_norm":
+                flags[key] = getattr(TILED, f.name)
+    if args.no_progress:
+        flags["restore.progress"] = False
+    return flags
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[InferenceConfig, DictConfig]:
+    """The effective config of a command line (ValueError names the bad flag or key)."""
+    flags = flag_values(args)
+    flags.setdefault("restore.progress", True)
+    return resolve_config(args.config, args.overrides, flags)
 
 
 def _output_paths(
@@ -216,14 +310,16 @@ def _output_paths(
     return outputs, stage1
 
 
-def plan_jobs(args: argparse.Namespace, report: Report, upscale: float) -> list[Job]:
+def plan_jobs(
+    args: argparse.Namespace, report: Report, upscale: float, num_samples: int
+) -> list[Job]:
     """The jobs of this run (input files or sample photos); name clashes are failures."""
     output = Path(args.output)
     jobs: list[Job] = []
     if args.input is None:
         inputs_dir = output / SAMPLE_INPUTS_DIR
         for name in SAMPLE_NAMES:
-            outs, s1 = _output_paths(output, name, args.num_samples, args.save_stage1)
+            outs, s1 = _output_paths(output, name, num_samples, args.save_stage1)
             jobs.append(
                 Job(
                     name,
@@ -243,7 +339,7 @@ def plan_jobs(args: argparse.Namespace, report: Report, upscale: float) -> list[
         if out_resolved in path.resolve().parents:
             continue  # our own outputs inside the input folder
         key = path.name if root.is_file() else path.relative_to(root).as_posix()
-        outs, s1 = _output_paths(output, key, args.num_samples, args.save_stage1)
+        outs, s1 = _output_paths(output, key, num_samples, args.save_stage1)
         if outs[0] in owner:
             report.fail(str(path), f"output {outs[0]} would clash with that of {owner[outs[0]]}")
             continue
@@ -266,16 +362,16 @@ def _sample_loader(name: str, upscale: float, inputs_dir: Path) -> Callable[[], 
 def _run_batch(
     restorer: Restorer,
     batch: list[tuple[Job, np.ndarray]],
-    options: RestoreOptions,
-    args: argparse.Namespace,
+    cfg: InferenceConfig,
+    prompts: dict[str, str],
     report: Report,
 ) -> None:
     lq = torch.cat([to_tensor(img) for _, img in batch])
     seeds = [
-        [derive_seed(args.seed, job.key, k) for k in range(args.num_samples)] for job, _ in batch
+        [derive_seed(cfg.seed, job.key, k) for k in range(cfg.num_samples)] for job, _ in batch
     ]
     try:
-        result = restorer.restore(lq, seeds, options)
+        result = restorer.restore(lq, seeds, cfg.restore, [prompts[job.stem] for job, _ in batch])
         for i, (job, _) in enumerate(batch):
             if job.stage1_output is not None:
                 write_png(job.stage1_output, result.stage1[i])
@@ -288,49 +384,81 @@ def _run_batch(
                 report.fail(job.source, f"restoration failed: {err}")
 
 
+def job_prompts(cfg: InferenceConfig, jobs: list[Job]) -> dict[str, str]:
+    """The positive prompt of each job's stem: from ``--prompts`` when listed there, else
+    ``restore.pos_prompt``. Stems of the CSV that match no input are reported."""
+    listed = read_prompts(cfg.prompts) if cfg.prompts else {}
+    stems = {job.stem for job in jobs}
+    unused = [stem for stem in listed if stem not in stems]
+    if unused:
+        shown = ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else "")
+        print(f"warning: --prompts: {len(unused)} stem(s) match no input: {shown}", file=sys.stderr)
+    return {job.stem: listed.get(job.stem, cfg.restore.pos_prompt) for job in jobs}
+
+
+def record_run(
+    output: Path, cfg: DictConfig, prompts: dict[str, str], todo: list[Job], overwrite: bool
+) -> None:
+    """Write ``config.yaml`` and ``prompts.csv`` beside the outputs before any work.
+
+    Outputs already in the folder were made with the ``config.yaml`` there: a run with other
+    settings is refused (unless ``--overwrite``), so one folder never mixes configurations.
+    Rows of ``prompts.csv`` for skipped inputs keep the prompt they were made with.
+    """
+    config_path = output / CONFIG_FILE
+    if config_path.is_file() and not overwrite:
+        try:
+            previous = OmegaConf.load(config_path)
+        except Exception as err:  # a damaged file: yaml and omegaconf raise their own errors
+            raise ValueError(f"{config_path}: unreadable ({err}); use --overwrite") from err
+        changed = differing_keys(previous, cfg)
+        if changed:
+            raise ValueError(
+                f"--output {output}: its {CONFIG_FILE} was written by a run with other settings "
+                f"({', '.join(changed)}); its outputs would mix with this run's. Use another "
+                "--output, or --overwrite to redo every output"
+            )
+    write_text(config_path, dump(cfg))
+    prompts_path = output / PROMPTS_FILE
+    rows = read_prompts(prompts_path) if prompts_path.is_file() and not overwrite else {}
+    redone = {job.stem for job in todo}
+    for stem, prompt in prompts.items():
+        if stem in redone or stem not in rows:
+            rows[stem] = prompt
+    write_text(prompts_path, prompts_csv(rows))
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a parsed command line; returns the exit status."""
-    options = options_from_args(args)
+    cfg, cfg_node = config_from_args(args)
     report = Report()
-    jobs = plan_jobs(args, report, options.upscale)
+    jobs = plan_jobs(args, report, cfg.restore.upscale, cfg.num_samples)
+    prompts = job_prompts(cfg, jobs)
     todo = []
     for job in jobs:
         if job.done() and not args.overwrite:
             report.skipped.append(job.source)
         else:
             todo.append(job)
+    record_run(Path(args.output), cfg_node, prompts, todo, args.overwrite)
     if todo:
-        device = resolve_device(args.device)
+        device = resolve_device(cfg.device)
         if device.type == "cpu" and not args.system_malloc:
             retain_cpu_heap()
-        paths = resolve_weight_paths(
-            args.task,
-            args.weights_dir,
-            sd=args.sd_weights,
-            controlnet=args.controlnet_weights,
-            stage1=args.stage1_weights,
-        )
-        restorer = build_restorer(
-            args.task,
-            paths,
-            cldm_config=args.cldm_config,
-            stage1_config=args.stage1_config,
-            device=device,
-            precision=args.precision,
-        )
+        restorer = build_from_config(cfg, device)
         batch: list[tuple[Job, np.ndarray]] = []
-        for job in tqdm(todo, desc="images", unit="img", disable=args.no_progress):
+        for job in tqdm(todo, desc="images", unit="img", disable=not cfg.restore.progress):
             try:
                 img = job.load()
             except ImageReadError as err:
                 report.fail(job.source, err.reason)
                 continue
-            if batch and (len(batch) == args.batch_size or batch[0][1].shape != img.shape):
-                _run_batch(restorer, batch, options, args, report)
+            if batch and (len(batch) == cfg.batch_size or batch[0][1].shape != img.shape):
+                _run_batch(restorer, batch, cfg, prompts, report)
                 batch = []
             batch.append((job, img))
         if batch:
-            _run_batch(restorer, batch, options, args, report)
+            _run_batch(restorer, batch, cfg, prompts, report)
     print(report.summary())
     return 1 if report.failed else 0
 
@@ -338,7 +466,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``diffbir-infer``; returns the exit status (0 ok, 1 failures, 2 usage)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow flags
     try:
         return run(args)
     except (MissingWeightsError, CheckpointError) as err:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -137,17 +139,29 @@ def to_uint8(img: Tensor) -> np.ndarray:
     return arr.permute(1, 2, 0).cpu().numpy()
 
 
-def write_png(path: str | os.PathLike, img: Tensor | np.ndarray) -> Path:
-    """Write an RGB image as PNG atomically: a temporary file in the same folder, then rename."""
+def _write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Write through ``write(handle)`` into a temporary file in the same folder, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arr = to_uint8(img) if isinstance(img, Tensor) else img
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png.tmp")
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.stem}.", suffix=f"{path.suffix}.tmp"
+    )
     try:
         with os.fdopen(fd, "wb") as handle:
-            Image.fromarray(arr).save(handle, format="PNG")
+            write(handle)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_png(path: str | os.PathLike, img: Tensor | np.ndarray) -> Path:
+    """Write an RGB image as PNG atomically: a temporary file in the same folder, then rename."""
+    arr = to_uint8(img) if isinstance(img, Tensor) else img
+    return _write_atomic(path, lambda handle: Image.fromarray(arr).save(handle, format="PNG"))
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a UTF-8 text file atomically (as :func:`write_png`)."""
+    return _write_atomic(path, lambda handle: handle.write(text.encode()))

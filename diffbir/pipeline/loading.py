@@ -1,4 +1,4 @@
-"""Tasks of the v2 pipeline and building a :class:`Restorer` from configs and weight files."""
+"""Building a :class:`Restorer` for a model version and task from configs and weight files."""
 
 from __future__ import annotations
 
@@ -9,32 +9,23 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from diffbir.checkpoint import load_weights, read_state_dict
+from diffbir.checkpoint import CheckpointError, load_weights, read_state_dict, sub_state_dict
 from diffbir.config import build_model, load_config
+from diffbir.diffusion import NoiseSchedule
 from diffbir.pipeline.device import PRECISIONS, resolve_device, warn_if_slow_precision
 from diffbir.pipeline.restorer import Restorer, Stage1
+from diffbir.versions import (
+    CUSTOM,
+    DEFAULT_VERSION,
+    TASKS,
+    VERSIONS,
+    ModelVersion,
+    custom_version,
+    get_version,
+    role_of_file,
+    versions_of_file,
+)
 from diffbir.weights import check_weights, weight_path
-
-SD_FILE = "v2-1_512-ema-pruned.ckpt"
-CONTROLNET_FILE = "v2.pth"
-
-
-@dataclass(frozen=True)
-class Task:
-    """A restoration task: its stage-1 model (config and official file) and default upscale."""
-
-    stage1_config: str | None
-    stage1_file: str | None
-    resize_first: bool
-    default_upscale: float
-
-
-TASKS: dict[str, Task] = {
-    "sr": Task("bsrnet", "BSRNet.pth", resize_first=False, default_upscale=4.0),
-    "denoise": Task("scunet", "scunet_color_real_psnr.pth", resize_first=True, default_upscale=1.0),
-    "face": Task("swinir", "face_swinir_v1.ckpt", resize_first=True, default_upscale=1.0),
-    "custom": Task(None, None, resize_first=False, default_upscale=1.0),
-}
 
 
 @dataclass(frozen=True)
@@ -50,20 +41,88 @@ def resolve_weight_paths(
     task: str,
     weights_dir: str | os.PathLike | None = None,
     *,
+    version: str = DEFAULT_VERSION,
     sd: str | os.PathLike | None = None,
     controlnet: str | os.PathLike | None = None,
     stage1: str | os.PathLike | None = None,
 ) -> WeightPaths:
-    """Explicit paths win; else the official file names in the weights folder."""
-    spec = TASKS[task]
+    """Explicit paths win; else the official files of ``version`` and ``task`` in the weights
+    folder (see :mod:`diffbir.versions`)."""
+    if task not in TASKS:
+        raise ValueError(f"--task: expected one of {list(TASKS)}, got {task!r}")
+    files = get_version(version).files(task)
     stage1_path = Path(stage1) if stage1 else None
-    if stage1_path is None and spec.stage1_file:
-        stage1_path = weight_path(spec.stage1_file, weights_dir)
+    if stage1_path is None and "stage1" in files:
+        stage1_path = weight_path(files["stage1"], weights_dir)
     return WeightPaths(
-        sd=Path(sd) if sd else weight_path(SD_FILE, weights_dir),
-        controlnet=Path(controlnet) if controlnet else weight_path(CONTROLNET_FILE, weights_dir),
+        sd=Path(sd) if sd else weight_path(files["sd"], weights_dir),
+        controlnet=Path(controlnet)
+        if controlnet
+        else weight_path(files["controlnet"], weights_dir),
         stage1=stage1_path,
     )
+
+
+_ROLE_FLAGS = {
+    "sd": "--sd-weights",
+    "controlnet": "--controlnet-weights",
+    "stage1": "--stage1-weights",
+}
+_ROLE_NAMES = {"sd": "Stable Diffusion", "controlnet": "IRControlNet", "stage1": "stage-1 model"}
+
+
+class WrongVersionError(CheckpointError):
+    """An official weight file given for a model version (or role) it does not belong to."""
+
+
+def check_version(paths: WeightPaths, version: ModelVersion, task: str) -> None:
+    """Refuse an official file of another version or another role than the selected ones.
+
+    Official files are recognised by name. For ``custom``, an official file is accepted when
+    its versions share the configured parameterization and zero-terminal-SNR setting.
+    """
+    for role, path in (
+        ("sd", paths.sd),
+        ("controlnet", paths.controlnet),
+        ("stage1", paths.stage1),
+    ):
+        if path is None:
+            continue
+        owners = versions_of_file(path.name)
+        if not owners:
+            continue  # not an official name: nothing to check
+        flag = _ROLE_FLAGS[role]
+        official_role = role_of_file(path.name)
+        if official_role != role:
+            raise WrongVersionError(
+                f"{flag} {path}: {path.name} is the official {_ROLE_NAMES[official_role]} file "
+                f"of DiffBIR {'/'.join(owners)}, not a {_ROLE_NAMES[role]}; give a "
+                f"{_ROLE_NAMES[role]} file with {flag}"
+            )
+        if version.name == CUSTOM:
+            schedule = (version.parameterization, version.zero_terminal_snr)
+            if all(
+                (VERSIONS[v].parameterization, VERSIONS[v].zero_terminal_snr) != schedule
+                for v in owners
+            ):
+                owner = VERSIONS[owners[0]]
+                raise WrongVersionError(
+                    f"{flag} {path}: {path.name} is a DiffBIR {'/'.join(owners)} file "
+                    f"({owner.parameterization}-prediction, zero terminal SNR "
+                    f"{owner.zero_terminal_snr}), but the training config of --version custom "
+                    f"says {version.parameterization}-prediction, zero terminal SNR "
+                    f"{version.zero_terminal_snr}; fix model.parameterization/"
+                    "model.zero_terminal_snr there, or use --version "
+                    f"{owners[-1]}"
+                )
+        elif version.name not in owners:
+            expected = version.files(task).get(role)
+            hint = f" (its {_ROLE_NAMES[role]}: {expected})" if expected else ""
+            raise WrongVersionError(
+                f"{flag} {path}: {path.name} belongs to DiffBIR {'/'.join(owners)}, but version "
+                f"{version.name} is selected{hint}; run with --version {owners[-1]} to use it, or "
+                f"give a {version.name} file"
+            )
 
 
 def check_paths(paths: WeightPaths) -> None:
@@ -79,6 +138,7 @@ def build_restorer(
     task: str,
     paths: WeightPaths | None = None,
     *,
+    version: str | ModelVersion = DEFAULT_VERSION,
     weights_dir: str | os.PathLike | None = None,
     cldm_config: str = "control_ldm",
     stage1_config: str | None = None,
@@ -87,32 +147,37 @@ def build_restorer(
 ) -> Restorer:
     """Build the models from configs, load the weight files and wrap them in a Restorer.
 
-    ``paths`` default to the official files in ``weights_dir`` (see :mod:`diffbir.weights`).
-    ``stage1_config`` overrides the task's stage-1 config (required for ``custom`` when a stage-1
-    weight file is given; with ``custom`` and no weights there is no stage-1 model).
+    ``version`` (:mod:`diffbir.versions`) decides the official files, the stage 1 of each task
+    and the noise schedule; ``paths`` default to its files in ``weights_dir``. An official file
+    of another version is refused (:class:`WrongVersionError`). ``stage1_config`` overrides the
+    task's stage-1 config (required for task ``custom`` when a stage-1 weight file is given;
+    with ``custom`` and no weights there is no stage-1 model).
     ``device``: ``auto``, ``cpu``, ``cuda``, ...; ``precision``: fp32, fp16, bf16 or a dtype.
     """
     if task not in TASKS:
-        raise ValueError(f"--task: expected one of {sorted(TASKS)}, got {task!r}")
-    spec = TASKS[task]
+        raise ValueError(f"--task: expected one of {list(TASKS)}, got {task!r}")
+    if isinstance(version, str):
+        version = get_version(version)
+    spec = version.stage1.get(task)
     if paths is None:
-        paths = resolve_weight_paths(task, weights_dir)
+        paths = resolve_weight_paths(task, weights_dir, version=version.name)
     if isinstance(precision, str):
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {sorted(PRECISIONS)}, got {precision!r}")
         precision = PRECISIONS[precision]
     device = resolve_device(device) if isinstance(device, str) else device
     warn_if_slow_precision(device, precision)
-    stage1_config = stage1_config or spec.stage1_config
-    if task == "custom" and paths.stage1 is not None and stage1_config is None:
-        raise ValueError("--task custom with --stage1-weights needs --stage1-config")
+    stage1_config = stage1_config or (spec.config if spec else None)
+    if paths.stage1 is not None and stage1_config is None:
+        raise ValueError(f"--task {task} with --stage1-weights needs --stage1-config")
     if stage1_config is not None and paths.stage1 is None:
         raise ValueError(f"stage-1 config {stage1_config!r} given without --stage1-weights")
+    check_version(paths, version, task)
     check_paths(paths)
 
     cldm = build_model(load_config(cldm_config))
     cldm.load_sd_weights(read_state_dict(paths.sd), str(paths.sd))
-    cldm.load_controlnet_weights(read_state_dict(paths.controlnet), str(paths.controlnet))
+    cldm.load_controlnet_weights(_controlnet_state_dict(paths.controlnet), str(paths.controlnet))
 
     stage1 = Stage1(model=None)
     if paths.stage1 is not None:
@@ -122,7 +187,68 @@ def build_restorer(
         name = OmegaConf.select(cfg, "name")
         stage1 = Stage1(
             model=model,
-            resize_first=spec.resize_first,
+            # our RM (version custom) is a same-size cleaner, trained on LQ at the HQ size
+            resize_first=spec.resize_first if spec else version.name == CUSTOM,
             pad_multiple=64 if name == "swinir" else 1,
         )
-    return Restorer(cldm, stage1, device=device, dtype=precision)
+    schedule = NoiseSchedule.linear(zero_terminal_snr=version.zero_terminal_snr)
+    return Restorer(cldm, stage1, device=device, dtype=precision, schedule=schedule)
+
+
+def _controlnet_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """IRControlNet weights from an official/exported file or a GM training checkpoint."""
+    sd = read_state_dict(path)
+    prefix = "cldm.controlnet."  # GM training checkpoints (diffbir.training.gm.TRAINED_PREFIX)
+    if sd and all(k.startswith(prefix) for k in sd):
+        return sub_state_dict(sd, prefix)
+    return sd
+
+
+@dataclass(frozen=True)
+class CustomModel:
+    """``--version custom``: what a GM training config says about the model it trained."""
+
+    version: ModelVersion
+    paths: WeightPaths
+    cldm_config: str
+    stage1_config: str | None
+
+
+def custom_model(
+    train_config: str | os.PathLike | None,
+    controlnet: str | os.PathLike | None,
+    *,
+    sd: str | os.PathLike | None = None,
+    stage1: str | os.PathLike | None = None,
+    stage1_config: str | None = None,
+) -> CustomModel:
+    """Read a GM training config (``configs/train/gm*.yaml``): base SD file, ControlLDM config,
+    frozen stage 1 and schedule (``model.parameterization``, default eps;
+    ``model.zero_terminal_snr``, default false). ``controlnet`` is a training checkpoint or an
+    exported IRControlNet; explicit ``sd``/``stage1`` paths win over the config's."""
+    if not train_config:
+        raise ValueError(
+            "--version custom needs --train-config (the configs/train/gm*.yaml of the training)"
+        )
+    if not controlnet:
+        raise ValueError(
+            "--version custom needs --controlnet-weights (a GM training checkpoint, or its "
+            "export/controlnet.pth)"
+        )
+    cfg = load_config(train_config, group="train")
+    model = OmegaConf.select(cfg, "model")
+    if model is None or OmegaConf.select(model, "config") is None:
+        raise ValueError(f"{train_config}: not a GM training config (no model.config)")
+    version = custom_version(
+        OmegaConf.select(model, "parameterization", default="eps"),
+        bool(OmegaConf.select(model, "zero_terminal_snr", default=False)),
+    )
+    trained_stage1 = OmegaConf.select(model, "stage1")
+    stage1 = stage1 or (trained_stage1.weights if trained_stage1 else None)
+    stage1_config = stage1_config or (trained_stage1.config if trained_stage1 else None)
+    paths = WeightPaths(
+        sd=Path(sd or model.sd_weights),
+        controlnet=Path(controlnet),
+        stage1=Path(stage1) if stage1 else None,
+    )
+    return CustomModel(version, paths, str(model.config), stage1_config)

@@ -29,8 +29,9 @@ from diffbir.diffusion import (
 from diffbir.diffusion.samplers import ConditionalModel, Guidance
 from diffbir.pipeline.color import COLOR_FIXES, color_fix
 from diffbir.pipeline.tiling import TiledGuidance, TiledModel, run_tiled
+from diffbir.versions import V2_NEG_PROMPT
 
-DEFAULT_NEG_PROMPT = "low quality, blurry, low-resolution, noisy, unsharp, weird textures"
+DEFAULT_NEG_PROMPT = V2_NEG_PROMPT  # RestoreOptions defaults are the paper's (v2)
 LATENT_FACTOR = 8
 
 
@@ -125,9 +126,9 @@ class RestoreOptions:
 
     def __post_init__(self) -> None:
         if self.upscale <= 0:
-            raise ValueError(f"upscale: expected > 0, got {self.upscale}")
+            raise ValueError(f"--upscale: expected > 0, got {self.upscale}")
         if self.steps < 2:
-            raise ValueError(f"steps: expected >= 2, got {self.steps}")
+            raise ValueError(f"--steps: expected >= 2, got {self.steps}")
         if self.color_fix not in COLOR_FIXES:
             raise ValueError(f"color fix: expected one of {COLOR_FIXES}, got {self.color_fix!r}")
         if self.min_side < 0:
@@ -292,12 +293,33 @@ class Restorer:
         stride = options.tiles.diffusion_stride or max(LATENT_FACTOR, tile // 2)
         return TiledModel(model_fn, tile // LATENT_FACTOR, stride // LATENT_FACTOR)
 
+    def _text_condition(self, pos_prompts: Sequence[str], neg_prompt: str) -> tuple[Tensor, Tensor]:
+        """Text embeddings (N, 77, C) per item and of the negative prompt (1, 77, C), each
+        distinct prompt encoded once, all in one batch."""
+        distinct = list(dict.fromkeys([*pos_prompts, neg_prompt]))
+        texts = self.cldm.encode_text(distinct)
+        index = torch.tensor([distinct.index(p) for p in pos_prompts], device=texts.device)
+        return texts[index], texts[distinct.index(neg_prompt)][None]
+
     @torch.no_grad()
-    def stage2(self, cond01: Tensor, seeds: Sequence[int], options: RestoreOptions) -> Tensor:
-        """Sample one restoration per condition image (N, 3, H, W) in [0, 1], seed per item."""
+    def stage2(
+        self,
+        cond01: Tensor,
+        seeds: Sequence[int],
+        options: RestoreOptions,
+        pos_prompts: Sequence[str] | None = None,
+    ) -> Tensor:
+        """Sample one restoration per condition image (N, 3, H, W) in [0, 1], seed per item.
+
+        ``pos_prompts``: one positive prompt per item (default: ``options.pos_prompt``).
+        """
         count, _, height, width = cond01.shape
         if len(seeds) != count:
             raise ValueError(f"{len(seeds)} seeds for {count} condition images")
+        if pos_prompts is None:
+            pos_prompts = [options.pos_prompt] * count
+        if len(pos_prompts) != count:
+            raise ValueError(f"{len(pos_prompts)} prompts for {count} condition images")
         cond01 = cond01.to(device=self.device, dtype=torch.float32)
         work_h, work_w = stage2_size(height, width, options.min_side)
         cond_work = _resize(cond01, (work_h, work_w))
@@ -306,9 +328,9 @@ class Restorer:
         cond_pad = F.pad(cond_work, (0, pad_w, 0, pad_h))
 
         latent = self._encode(cond_pad * 2 - 1, options.tiles).to(self.dtype)
-        texts = self.cldm.encode_text([options.pos_prompt, options.neg_prompt])
-        cond = self.cldm.condition(texts[:1].expand(count, -1, -1), cond_pad, latent)
-        uncond = {**cond, "text": texts[1:].expand(count, -1, -1)}
+        pos_text, neg_text = self._text_condition(pos_prompts, options.neg_prompt)
+        cond = self.cldm.condition(pos_text, cond_pad, latent)
+        uncond = {**cond, "text": neg_text.expand(count, -1, -1)}
         denoiser = cfg_denoiser(self._model_fn(options), cond, uncond, options.cfg_scale)
 
         latent_hw = latent.shape[-2:]
@@ -345,11 +367,16 @@ class Restorer:
         return _resize(image, (height, width))
 
     def restore(
-        self, lq: Tensor, seeds: Sequence[int | Sequence[int]], options: RestoreOptions
+        self,
+        lq: Tensor,
+        seeds: Sequence[int | Sequence[int]],
+        options: RestoreOptions,
+        pos_prompts: Sequence[str] | None = None,
     ) -> RestoreResult:
         """Restore a batch (B, 3, H, W) in [0, 1].
 
         ``seeds[b]`` is the seed of input ``b`` (one sample) or a list of seeds (one per sample).
+        ``pos_prompts[b]``: the positive prompt of input ``b`` (default: ``options.pos_prompt``).
         """
         seeds = [[s] if isinstance(s, int) else list(s) for s in seeds]
         if len(seeds) != lq.shape[0] or len({len(s) for s in seeds}) > 1:
@@ -357,7 +384,14 @@ class Restorer:
         samples = len(seeds[0])
         clean = self.stage1(lq, options)
         flat_seeds = [s for per_image in seeds for s in per_image]
-        out = self.stage2(clean.repeat_interleave(samples, dim=0), flat_seeds, options)
+        flat_prompts = None
+        if pos_prompts is not None:
+            if len(pos_prompts) != lq.shape[0]:
+                raise ValueError("pos_prompts: expected one prompt per input image")
+            flat_prompts = [p for p in pos_prompts for _ in range(samples)]
+        out = self.stage2(
+            clean.repeat_interleave(samples, dim=0), flat_seeds, options, flat_prompts
+        )
         return RestoreResult(
             stage1=clean.cpu(), samples=out.cpu().view(lq.shape[0], samples, *out.shape[1:])
         )

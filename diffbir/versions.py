@@ -1,0 +1,202 @@
+"""The official DiffBIR model versions: which files, schedule, stage 1 and defaults each uses.
+
+One table (:data:`VERSIONS`) holds every per-version fact (SPEC, "Model families and samplers");
+weight loading, ``diffbir-download``, the inference presets and the wrong-version check read it.
+The architectures are the same for every version; only files, schedule and stage 1 differ.
+``custom`` is our own training: its files and schedule come from a training config
+(:func:`custom_version`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from diffbir.diffusion.samplers import Parameterization
+
+TASKS = ("sr", "denoise", "face", "custom")
+# output size / input size when --upscale is not given
+DEFAULT_UPSCALE: Mapping[str, float] = MappingProxyType(
+    {"sr": 4.0, "denoise": 1.0, "face": 1.0, "custom": 1.0}
+)
+
+V2_POS_PROMPT = ""
+V2_NEG_PROMPT = "low quality, blurry, low-resolution, noisy, unsharp, weird textures"
+V21_POS_PROMPT = (
+    "Cinematic, High Contrast, highly detailed, taken using a Canon EOS R camera, hyper detailed "
+    "photo - realistic maximum detail, 32k, Color Grading, ultra HD, extreme meticulous "
+    "detailing, skin pore detailing, hyper sharpness, perfect without deformations."
+)
+V21_NEG_PROMPT = (
+    "painting, oil painting, illustration, drawing, art, sketch, oil painting, cartoon, CG Style, "
+    "3D render, unreal engine, blurring, dirty, messy, worst quality, low quality, frames, "
+    "watermark, signature, jpeg artifacts, deformed, lowres, over-smooth."
+)
+
+
+@dataclass(frozen=True)
+class Stage1Spec:
+    """A stage-1 model: its config (``configs/model``), its official file and the size rule.
+
+    ``resize_first``: the LQ image is resized to the output size before the model (same-size
+    cleaners: SwinIR, SCUNet); otherwise the model's output is resized (BSRNet, x4).
+    """
+
+    config: str
+    file: str
+    resize_first: bool
+
+
+SWINIR_FACE = Stage1Spec("swinir", "face_swinir_v1.ckpt", resize_first=True)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One DiffBIR release: files per role and task, schedule, and sampling defaults.
+
+    ``controlnet``/``stage1`` map a task to its file (``custom`` task: no stage 1).
+    ``sampler``, ``steps``, ``cfg_scale`` and the prompts are the defaults of this version.
+    """
+
+    name: str
+    sd_file: str
+    controlnet: Mapping[str, str]
+    stage1: Mapping[str, Stage1Spec]
+    parameterization: Parameterization
+    zero_terminal_snr: bool
+    sampler: str
+    steps: int
+    cfg_scale: float
+    pos_prompt: str
+    neg_prompt: str
+
+    def files(self, task: str) -> dict[str, str]:
+        """``{role: official file name}`` of ``task`` (roles ``sd``, ``controlnet``, ``stage1``)."""
+        files = {"sd": self.sd_file, "controlnet": self.controlnet[task]}
+        if task in self.stage1:
+            files["stage1"] = self.stage1[task].file
+        return files
+
+    def all_files(self) -> list[str]:
+        """Every official file of this version (all tasks), each once, in table order."""
+        names = [
+            name for task in TASKS if task in self.controlnet for name in self.files(task).values()
+        ]
+        return list(dict.fromkeys(names))
+
+
+def _per_task(general: object, face: object) -> Mapping:
+    return MappingProxyType({"sr": general, "denoise": general, "face": face})
+
+
+def _with_custom(controlnet: Mapping[str, str], custom: str) -> Mapping[str, str]:
+    return MappingProxyType({**controlnet, "custom": custom})
+
+
+VERSIONS: Mapping[str, ModelVersion] = MappingProxyType(
+    {
+        v.name: v
+        for v in (
+            ModelVersion(
+                name="v1",
+                sd_file="v2-1_512-ema-pruned.ckpt",
+                controlnet=_with_custom(
+                    _per_task("v1_general.pth", "v1_face.pth"), "v1_general.pth"
+                ),
+                stage1=_per_task(
+                    Stage1Spec("swinir", "general_swinir_v1.ckpt", resize_first=True), SWINIR_FACE
+                ),
+                parameterization="eps",
+                zero_terminal_snr=False,
+                sampler="spaced",
+                steps=50,
+                cfg_scale=4.0,
+                pos_prompt=V2_POS_PROMPT,
+                neg_prompt=V2_NEG_PROMPT,
+            ),
+            ModelVersion(
+                name="v2",
+                sd_file="v2-1_512-ema-pruned.ckpt",
+                controlnet=_with_custom(_per_task("v2.pth", "v2.pth"), "v2.pth"),
+                stage1=MappingProxyType(
+                    {
+                        "sr": Stage1Spec("bsrnet", "BSRNet.pth", resize_first=False),
+                        "denoise": Stage1Spec(
+                            "scunet", "scunet_color_real_psnr.pth", resize_first=True
+                        ),
+                        "face": SWINIR_FACE,
+                    }
+                ),
+                parameterization="eps",
+                zero_terminal_snr=False,
+                sampler="spaced",
+                steps=50,
+                cfg_scale=4.0,
+                pos_prompt=V2_POS_PROMPT,
+                neg_prompt=V2_NEG_PROMPT,
+            ),
+            ModelVersion(
+                name="v2.1",
+                sd_file="sd2.1-base-zsnr-laionaes5.ckpt",
+                controlnet=_with_custom(
+                    _per_task("DiffBIR_v2.1.pt", "DiffBIR_v2.1.pt"), "DiffBIR_v2.1.pt"
+                ),
+                stage1=_per_task(
+                    Stage1Spec("swinir", "realesrgan_s4_swinir_100k.pth", resize_first=True),
+                    SWINIR_FACE,
+                ),
+                parameterization="v",
+                zero_terminal_snr=True,
+                sampler="edm_dpm++_3m_sde",
+                steps=10,
+                cfg_scale=6.0,
+                pos_prompt=V21_POS_PROMPT,
+                neg_prompt=V21_NEG_PROMPT,
+            ),
+        )
+    }
+)
+DEFAULT_VERSION = "v2.1"
+CUSTOM = "custom"  # our own training: files and schedule from a training config
+VERSION_NAMES = (*VERSIONS, CUSTOM)
+
+
+def get_version(name: str) -> ModelVersion:
+    """The official version ``name``; a ValueError lists the known ones."""
+    if name not in VERSIONS:
+        raise ValueError(f"--version: expected one of {list(VERSION_NAMES)}, got {name!r}")
+    return VERSIONS[name]
+
+
+def versions_of_file(name: str) -> list[str]:
+    """The official versions that use the weight file ``name`` (empty: not an official name)."""
+    return [v.name for v in VERSIONS.values() if name in v.all_files()]
+
+
+def role_of_file(name: str) -> str | None:
+    """The role (``sd``, ``controlnet``, ``stage1``) of official file ``name``, else ``None``."""
+    for version in VERSIONS.values():
+        for task in TASKS:
+            if task in version.controlnet:
+                for role, file in version.files(task).items():
+                    if file == name:
+                        return role
+    return None
+
+
+def custom_version(parameterization: Parameterization, zero_terminal_snr: bool) -> ModelVersion:
+    """The ``custom`` version: no official files, the given schedule, the v2 sampling defaults
+    (the paper's training recipe: captions off, so the v2 prompts)."""
+    if parameterization not in ("eps", "v"):
+        raise ValueError(f"model.parameterization: expected 'eps' or 'v', got {parameterization!r}")
+    return dataclasses.replace(
+        VERSIONS["v2"],
+        name=CUSTOM,
+        sd_file="",
+        controlnet=MappingProxyType({}),
+        stage1=MappingProxyType({}),
+        parameterization=parameterization,
+        zero_terminal_snr=zero_terminal_snr,
+    )
