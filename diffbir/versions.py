@@ -158,7 +158,7 @@ VERSIONS: Mapping[str, ModelVersion] = MappingProxyType(
         )
     }
 )
-DEFAULT_VERSION = "v2.1"
+DEFAULT_VERSION = "v2"  # becomes v2.1 when its sampler (edm_dpm++_3m_sde) is available
 CUSTOM = "custom"  # our own training: files and schedule from a training config
 VERSION_NAMES = (*VERSIONS, CUSTOM)
 

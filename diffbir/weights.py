@@ -59,7 +59,7 @@ OFFICIAL_WEIGHTS: dict[str, WeightFile] = {
         WeightFile("v2.pth", "IRControlNet v2, every task (the paper)", f"{_HF_V2}/v2.pth"),
         WeightFile(
             "DiffBIR_v2.1.pt",
-            "IRControlNet v2.1, every task (default)",
+            "IRControlNet v2.1, every task",
             f"{_HF_V2}/DiffBIR_v2.1.pt",
         ),
         WeightFile("v1_general.pth", "IRControlNet v1, sr and denoise", f"{_HF_V1}/v1_general.pth"),

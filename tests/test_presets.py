@@ -23,7 +23,7 @@ from diffbir.pipeline.presets import (
 )
 from diffbir.pipeline.prompts import read_prompts
 from diffbir.pipeline.restorer import RestoreOptions
-from diffbir.versions import VERSIONS
+from diffbir.versions import DEFAULT_VERSION, VERSIONS
 
 PRESETS = sorted((CONFIG_ROOT / PRESET_GROUP).glob("*.yaml"))
 
@@ -49,7 +49,8 @@ def test_preset_is_the_dump_of_its_version_and_builds(
 
 def test_precedence_defaults_preset_overrides_flags() -> None:
     cfg, _ = resolve_config()
-    assert (cfg.version, cfg.task, cfg.restore.steps) == ("v2.1", "sr", 10)
+    steps = VERSIONS[DEFAULT_VERSION].steps
+    assert (cfg.version, cfg.task, cfg.restore.steps) == (DEFAULT_VERSION, "sr", steps)
     cfg, _ = resolve_config("v2", ["restore.steps=7", "restore.cfg_scale=2.5"])
     assert (cfg.restore.steps, cfg.restore.cfg_scale, cfg.restore.upscale) == (7, 2.5, 4.0)
     cfg, _ = resolve_config("v2", ["restore.steps=7"], {"restore.steps": 3, "seed": 5})

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import MARKER_KEY, OFFICIAL_TINY, marker
 from omegaconf import OmegaConf
+from PIL import Image
 
 from diffbir import weights
 from diffbir.diffusion import NoiseSchedule
@@ -25,7 +27,7 @@ from diffbir.pipeline.loading import (
     resolve_weight_paths,
 )
 from diffbir.pipeline.presets import default_config
-from diffbir.versions import VERSIONS, get_version, role_of_file, versions_of_file
+from diffbir.versions import DEFAULT_VERSION, VERSIONS, get_version, role_of_file, versions_of_file
 
 SPEC_V21_POS = "Cinematic, High Contrast, highly detailed, taken using a Canon EOS R camera"
 SPEC_V21_NEG_END = "jpeg artifacts, deformed, lowres, over-smooth."
@@ -93,6 +95,7 @@ def test_each_version_builds_its_files_stage1_and_schedule(
     expected = NoiseSchedule.linear(zero_terminal_snr=version == "v2.1").alphas_cumprod
     assert torch.equal(restorer.base_schedule.alphas_cumprod, expected)
     assert (restorer.base_schedule.alphas_cumprod[-1] == 0) == (version == "v2.1")
+    assert restorer.parameterization == ("v" if version == "v2.1" else "eps")
     # defaults of the version (prompts, steps, CFG) and of the task (upscale)
     options = default_config(version, task).restore
     v = VERSIONS[version]
@@ -136,6 +139,23 @@ def test_cli_refuses_a_wrong_version_file(official_tiny_dir: Path, tiny_configs,
     err = capsys.readouterr().err
     assert "DiffBIR_v2.1.pt" in err and "--version v2.1" in err
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_v21_restores_from_the_last_timestep_of_its_zero_snr_schedule(
+    official_tiny_dir: Path, tiny_configs, tmp_path: Path, capsys
+) -> None:
+    """At the last timestep alpha_bar is 0: only v-prediction gives a finite x0 there."""
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 20, 3), np.uint8)).save(image)
+    args = [
+        "--input", str(image.parent), "--output", str(tmp_path / "out"), "--version", "v2.1",
+        "--weights-dir", str(official_tiny_dir), "--steps", "3", "--min-side", "0",
+        "--upscale", "2", "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    assert cli.main(args) == 0, capsys.readouterr()
+    restored = np.asarray(Image.open(tmp_path / "out" / "a.png"))
+    assert restored.shape == (48, 40, 3) and restored.std() > 1
 
 
 def _gm_config(tmp_path: Path, official_tiny_dir: Path, sd: str, **model) -> Path:
@@ -188,7 +208,7 @@ def test_custom_version_reads_the_training_config(
     custom = custom_model(v_cfg, export)
     assert (custom.version.parameterization, custom.version.zero_terminal_snr) == ("v", True)
     restorer = _build(custom)
-    assert restorer.base_schedule.alphas_cumprod[-1] == 0
+    assert restorer.base_schedule.alphas_cumprod[-1] == 0 and restorer.parameterization == "v"
 
     # the config says eps, but the SD file is the v-prediction one of v2.1: refused
     wrong = _gm_config(tmp_path, official_tiny_dir, "sd2.1-base-zsnr-laionaes5.ckpt")
@@ -207,8 +227,11 @@ def test_download_by_version(tmp_path: Path, capsys) -> None:
     base = ["--base-url", mirror.as_uri(), "--quiet"]
     default_dir = tmp_path / "default"
     assert weights.main([*base, "--weights-dir", str(default_dir)]) == 0
-    assert sorted(p.name for p in default_dir.iterdir()) == sorted(VERSIONS["v2.1"].all_files())
-    assert sorted(VERSIONS["v2.1"].all_files()) == sorted(
+    default_files = VERSIONS[DEFAULT_VERSION].all_files()
+    assert sorted(p.name for p in default_dir.iterdir()) == sorted(default_files)
+    v21_dir = tmp_path / "v2.1"
+    assert weights.main([*base, "--weights-dir", str(v21_dir), "--version", "v2.1"]) == 0
+    assert sorted(p.name for p in v21_dir.iterdir()) == sorted(
         ["sd2.1-base-zsnr-laionaes5.ckpt", "DiffBIR_v2.1.pt", "realesrgan_s4_swinir_100k.pth",
          "face_swinir_v1.ckpt"]
     )  # fmt: skip

@@ -192,7 +192,14 @@ def build_restorer(
             pad_multiple=64 if name == "swinir" else 1,
         )
     schedule = NoiseSchedule.linear(zero_terminal_snr=version.zero_terminal_snr)
-    return Restorer(cldm, stage1, device=device, dtype=precision, schedule=schedule)
+    return Restorer(
+        cldm,
+        stage1,
+        device=device,
+        dtype=precision,
+        schedule=schedule,
+        parameterization=version.parameterization,
+    )
 
 
 def _controlnet_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from diffbir.diffusion import (
     gaussian_noise,
     spaced_ddpm_step,
 )
-from diffbir.diffusion.samplers import ConditionalModel, Guidance
+from diffbir.diffusion.samplers import ConditionalModel, Guidance, Parameterization
 from diffbir.pipeline.color import COLOR_FIXES, color_fix
 from diffbir.pipeline.tiling import TiledGuidance, TiledModel, run_tiled
 from diffbir.versions import V2_NEG_PROMPT
@@ -195,7 +195,10 @@ class Restorer:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         schedule: NoiseSchedule | None = None,
+        parameterization: Parameterization = "eps",
     ) -> None:
+        """``schedule`` (default: the SD linear one) and ``parameterization`` (eps or v) are
+        those the model was trained with (v2.1: zero terminal SNR, v)."""
         self.device = torch.device(device)
         self.dtype = dtype
         self.cldm = cldm.eval().requires_grad_(False).to(device=self.device, dtype=dtype)
@@ -203,6 +206,7 @@ class Restorer:
             stage1.model.eval().requires_grad_(False).to(device=self.device, dtype=dtype)
         self.stage1_spec = stage1
         self.base_schedule = schedule or NoiseSchedule.linear()
+        self.parameterization = parameterization
         self._schedules: dict[int, SpacedSchedule] = {}
 
     # ----- stage 1 -----
@@ -356,6 +360,7 @@ class Restorer:
                 [
                     spaced_ddpm_step(
                         schedule, x[i : i + 1], index, eps[i : i + 1],
+                        parameterization=self.parameterization,
                         guidance=guides[i], generator=generators[i],
                     ).x_prev
                     for i in range(count)
