@@ -122,7 +122,8 @@ def test_a_file_of_another_version_is_refused_before_loading(tmp_path: Path) -> 
         )
     bsrnet = tmp_path / "BSRNet.pth"
     with pytest.raises(WrongVersionError, match="--stage1-weights.*--version v2"):
-        build_restorer("sr", resolve_weight_paths("sr", tmp_path, stage1=bsrnet), version="v2.1")
+        paths = resolve_weight_paths("sr", tmp_path, version="v2.1", stage1=bsrnet)
+        build_restorer("sr", paths, version="v2.1")
     # a file in the wrong role
     wrong_role = resolve_weight_paths("sr", tmp_path, version="v2", stage1=tmp_path / "v2.pth")
     with pytest.raises(WrongVersionError, match="--stage1-weights.*IRControlNet.*not a stage-1"):
