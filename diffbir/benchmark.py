@@ -28,11 +28,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffbir.config import build_model, load_config
-from diffbir.diffusion import cfg_denoiser
+from diffbir.diffusion import SAMPLERS, GuidedModel
 from diffbir.pipeline import (
     DEFAULT_NEG_PROMPT,
     RestoreOptions,
     Restorer,
+    SamplerOptions,
     Stage1,
     resolve_device,
 )
@@ -118,6 +119,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--config", choices=("tiny", "full"), default="full")
     p.add_argument("--stage1", choices=sorted(STAGE1_UPSCALE), default="bsrnet")
     p.add_argument("--steps", type=int, default=2, help="sampling steps of the whole image")
+    p.add_argument(
+        "--sampler", choices=list(SAMPLERS), default="spaced", help="sampler of the whole image"
+    )
     p.add_argument("--cfg-scale", type=float, default=4.0)
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
@@ -166,7 +170,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lq = torch.rand(1, 3, size // upscale, size // upscale, generator=gen).to(device)
     image = torch.rand(1, 3, size, size, generator=gen).to(device)
     options = RestoreOptions(
-        upscale=upscale, steps=args.steps, cfg_scale=args.cfg_scale, min_side=0
+        upscale=upscale,
+        steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        min_side=0,
+        sampler=SamplerOptions(name=args.sampler),
     )
     results: dict[str, Any] = {
         "config": args.config,
@@ -179,6 +187,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "steps": args.steps,
+        "sampler": args.sampler,
         "heap_retained": heap_retained,
     }
     timed = {"repeats": args.repeats, "warmup": args.warmup, "device": device}
@@ -262,13 +271,12 @@ def _bench_step(
     latent = z.to(dtype)
     cond = {"text": texts[:1], "latent": latent}
     uncond = {"text": texts[1:], "latent": latent}
-    denoiser = cfg_denoiser(cldm, cond, uncond, scale)
+    model = GuidedModel(cldm, cond, uncond, scale)
     x = torch.randn(z.shape, generator=torch.Generator().manual_seed(1)).to(z.device, dtype)
-    t = torch.full((1,), 500, device=z.device, dtype=torch.long)
     pairs: list[tuple[float, float]] = []
     for index in range(timed["repeats"]):
         warmup = timed["warmup"] if index == 0 else 0
-        _, (seconds,) = time_fn(lambda: denoiser(x, t), timed["device"], repeats=1, warmup=warmup)
+        _, (seconds,) = time_fn(lambda: model(x, 500.0), timed["device"], repeats=1, warmup=warmup)
         pairs.append((seconds, matmul()))
         if sum(s for s, _ in pairs) > TIME_BUDGET_S:
             break
@@ -311,7 +319,7 @@ def format_table(results: dict[str, Any]) -> str:
     rows = [(label, fmt(results[key])) for key, label, fmt in ROWS if key in results]
     if "image_s" in results:
         rows[[r[0] for r in rows].index("whole image")] = (
-            f"whole image ({results['steps']} steps)",
+            f"whole image ({results.get('sampler', 'spaced')}, {results['steps']} steps)",
             f"{results['image_s']:.3f} s",
         )
     rows.append(("matmul size", f"{results['matmul_size']}^2"))

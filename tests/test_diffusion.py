@@ -1,4 +1,4 @@
-"""Diffusion math: schedules, samplers, classifier-free and restoration guidance."""
+"""Diffusion math: schedules, the forward process, CFG, exact laws of toy data, guidance."""
 
 from __future__ import annotations
 
@@ -8,19 +8,18 @@ import torch.nn.functional as F
 from conftest import assert_close_ref
 
 from diffbir.diffusion import (
+    SAMPLERS,
+    GuidedModel,
+    ModelDenoiser,
     NoiseSchedule,
+    OfficialNoise,
+    RecordedNoise,
     RestorationGuidance,
     SpacedSchedule,
-    cfg_denoiser,
-    gaussian_noise,
-    noise_like,
-    posterior_mean_variance,
-    predict_x0_and_eps,
+    ddim_timesteps,
     region_weight_map,
-    sample_ddim,
-    sample_spaced_ddpm,
-    spaced_ddpm_step,
     spaced_timesteps,
+    with_guidance,
 )
 
 SCHEDULE_FIELDS = (
@@ -94,14 +93,33 @@ def test_spaced_schedule_consistency(base):
     )
 
 
-def test_schedule_to_moves_once(base):
-    schedule = SpacedSchedule.from_base(base, 7)
-    assert schedule.to(dtype=torch.float64) is schedule
-    moved = schedule.to("cpu", torch.float32)
-    assert moved.posterior_variance.dtype == torch.float32
-    assert moved.sqrt_alphas_cumprod.dtype == torch.float32
-    assert moved.timesteps.dtype == torch.int64
-    assert moved.to("cpu", torch.float32) is moved
+def test_ddim_grid_is_the_official_uniform_one(base):
+    assert ddim_timesteps(1000, 5) == [1, 201, 401, 601, 801]
+    grid = SpacedSchedule.ddim(base, 5)
+    assert grid.timesteps.tolist() == [1, 201, 401, 601, 801]
+    assert grid.alphas_cumprod_prev[0] == base.alphas_cumprod[0]  # not 1
+    assert torch.equal(grid.alphas_cumprod, base.alphas_cumprod[grid.timesteps])
+    with pytest.raises(ValueError, match="num_steps"):
+        ddim_timesteps(1000, 1000)
+
+
+def test_forward_process_and_training_targets():
+    schedule = NoiseSchedule.linear(zero_terminal_snr=True)
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 2, 2, generator=gen), torch.randn(3, 4, 2, 2, generator=gen)
+    t = torch.tensor([0, 500, 999])
+    a = schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    x_t = schedule.q_sample(x0, t, noise)
+    torch.testing.assert_close(x_t, a.sqrt() * x0 + (1 - a).sqrt() * noise)
+    torch.testing.assert_close(x_t[2], noise[2])  # zero terminal SNR: pure noise at t = 999
+    assert schedule.training_target(x0, noise, t, "eps") is noise
+    v = schedule.training_target(x0, noise, t, "v")
+    torch.testing.assert_close(v, a.sqrt() * noise - (1 - a).sqrt() * x0)
+    # the v target and x_t give back x0 and the noise (SPEC's formulas)
+    torch.testing.assert_close(a.sqrt() * x_t - (1 - a).sqrt() * v, x0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.sqrt() * v + (1 - a).sqrt() * x_t, noise, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="parameterization"):
+        schedule.training_target(x0, noise, t, "x0")
 
 
 def test_zero_terminal_snr():
@@ -119,48 +137,47 @@ def test_zero_terminal_snr():
 # ---------------------------------------------------------------- one step (parity)
 
 
+def constant_model(output: torch.Tensor) -> GuidedModel:
+    return GuidedModel(lambda x, t, cond: output, {})
+
+
 def test_step_matches_reference(refs, hparams):
+    """One spaced-DDPM step: the clean estimate through ModelDenoiser, the posterior mean and
+    variance."""
     ref = refs["step"]
     schedule = SpacedSchedule.from_base(reference_base(hparams), ref["steps"])
     index = ref["index"]
-    assert int(schedule.timesteps[index]) == ref["model_t"]
-    pred_x0, pred_eps = predict_x0_and_eps(schedule, ref["x_t"], index, ref["eps"])
-    assert pred_eps is ref["eps"]
+    assert schedule.level(index).t == ref["model_t"]
+    pred_x0 = ModelDenoiser(constant_model(ref["eps"]), schedule, "eps")(ref["x_t"], index)
     assert_close_ref(pred_x0, ref["pred_x0"], "pred_x0")
-    mean, variance, log_variance = posterior_mean_variance(schedule, ref["x_t"], pred_x0, index)
-    assert_close_ref(mean, ref["posterior_mean"], "posterior_mean")
-    assert_close_ref(variance.reshape(1, 1, 1, 1), ref["posterior_variance"], "posterior_variance")
-
-    out = spaced_ddpm_step(
-        schedule, ref["x_t"], index, ref["eps"], generator=torch.Generator().manual_seed(3)
+    mean = (
+        schedule.posterior_mean_coef1[index] * pred_x0
+        + schedule.posterior_mean_coef2[index] * ref["x_t"]
     )
-    noise = torch.randn(ref["x_t"].shape, generator=torch.Generator().manual_seed(3))
-    expected = ref["posterior_mean"] + (0.5 * log_variance).exp() * noise
-    assert_close_ref(out.x_prev, expected, "x_prev")
-    assert torch.allclose(log_variance.exp(), variance)
+    assert_close_ref(mean.float(), ref["posterior_mean"], "posterior_mean")
+    variance = schedule.posterior_variance[index].reshape(1, 1, 1, 1)
+    assert_close_ref(variance, ref["posterior_variance"], "posterior_variance")
+    assert torch.allclose(schedule.posterior_log_variance_clipped[index].exp(), variance)
 
 
-def test_last_step_adds_no_noise(base):
-    schedule = SpacedSchedule.from_base(base, 10)
-    x_t, eps = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
-    out = spaced_ddpm_step(schedule, x_t, 0, eps)
-    mean, _, _ = posterior_mean_variance(schedule, x_t, out.pred_x0, 0)
-    assert torch.equal(out.x_prev, mean)
-
-
-def test_parameterization_round_trips(base):
-    schedule = SpacedSchedule.from_base(base, 20)
-    x0, eps = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
-    for index in (0, 7, 19):
-        a = schedule.alphas_cumprod[index]
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        velocity = a.sqrt() * eps - (1 - a).sqrt() * x0
-        got_x0, got_eps = predict_x0_and_eps(schedule, x_t, index, velocity, "v")
-        assert torch.allclose(got_x0, x0, atol=1e-5) and torch.allclose(got_eps, eps, atol=1e-5)
-        got_x0, _ = predict_x0_and_eps(schedule, x_t, index, eps, "eps")
-        assert torch.allclose(got_x0, x0, atol=1e-4)
-    with pytest.raises(ValueError, match="parameterization"):
-        predict_x0_and_eps(schedule, x0, 0, eps, "x0")
+def test_spaced_sampler_draws_every_step_and_uses_all_but_the_last(base):
+    """The official draw order: one draw per step; the last step returns the posterior mean."""
+    schedule = SpacedSchedule.from_base(base, 4)
+    x_T = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    draws = [torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    denoise = ModelDenoiser(constant_model(eps), schedule, "eps")
+    spec = SAMPLERS["spaced"]
+    out = spec.fn(denoise, x_T, schedule, noise=RecordedNoise(draws))
+    changed = spec.fn(denoise, x_T, schedule, noise=RecordedNoise([*draws[:3], draws[3] * 100]))
+    assert torch.equal(out, changed)
+    x = x_T
+    for i in reversed(range(4)):
+        x0 = denoise(x, i)
+        mean = schedule.posterior_mean_coef1[i] * x0 + schedule.posterior_mean_coef2[i] * x
+        std = (0.5 * schedule.posterior_log_variance_clipped[i]).exp()
+        x = (mean + std * draws[3 - i] if i > 0 else mean).float()
+    torch.testing.assert_close(out, x)
 
 
 # ---------------------------------------------------------------- classifier-free guidance
@@ -178,7 +195,7 @@ class CountingModel:
         return x * text + cond["latent"] * 0.5 + t.view(-1, 1, 1, 1).float() / 1000
 
 
-def test_cfg_denoiser_is_one_batched_forward():
+def test_classifier_free_guidance_is_one_batched_forward():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 3, 5, generator=gen)
     t = torch.tensor([999, 999])
@@ -186,18 +203,18 @@ def test_cfg_denoiser_is_one_batched_forward():
     cond = {"text": torch.randn(2, 7, 8, generator=gen), "latent": latent}
     uncond = {"text": torch.randn(2, 7, 8, generator=gen), "latent": latent}
     model = CountingModel()
-    out = cfg_denoiser(model, cond, uncond, 4.0)(x, t)
+    out = GuidedModel(model, cond, uncond, 4.0)(x, 999.0)
     assert model.calls == [4]
     eps_c, eps_u = CountingModel()(x, t, cond), CountingModel()(x, t, uncond)
     torch.testing.assert_close(out, eps_u + 4.0 * (eps_c - eps_u))
 
     model = CountingModel()
-    out = cfg_denoiser(model, cond, uncond, 1.0)(x, t)
+    out = GuidedModel(model, cond, uncond, 1.0)(x, 999.0)
     assert model.calls == [2]
     torch.testing.assert_close(out, eps_c)
 
     with pytest.raises(ValueError, match="same keys"):
-        cfg_denoiser(model, cond, {"text": uncond["text"]}, 2.0)
+        GuidedModel(model, cond, {"text": uncond["text"]}, 2.0)
 
 
 # ---------------------------------------------------------------- toy Gaussian data
@@ -215,29 +232,28 @@ def gaussian_posterior(base: NoiseSchedule, x_t, t):
     return x0, eps, a
 
 
-def eps_denoiser(base: NoiseSchedule, calls: list | None = None):
-    def denoiser(x_t, t):
+def toy_denoiser(base: NoiseSchedule, schedule, parameterization="eps", calls=None):
+    """ModelDenoiser of the exact eps or v prediction for the toy data."""
+
+    def model_fn(x_t, t, cond):
         if calls is not None:
             calls.append(t.clone())
-        return gaussian_posterior(base, x_t, t)[1]
+        x0, eps, a = gaussian_posterior(base, x_t, t.long())
+        return eps if parameterization == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
 
-    return denoiser
-
-
-def v_denoiser(base: NoiseSchedule):
-    def denoiser(x_t, t):
-        x0, eps, a = gaussian_posterior(base, x_t, t)
-        return a.sqrt() * eps - (1 - a).sqrt() * x0
-
-    return denoiser
+    return ModelDenoiser(GuidedModel(model_fn, {}), schedule, parameterization)
 
 
-def affine_chain(schedule: SpacedSchedule, sampler: str, eta: float = 0.0):
+def sample(name: str, denoise, schedule, x_T, seed: int = 1):
+    return SAMPLERS[name].fn(denoise, x_T, schedule, noise=OfficialNoise(seed))
+
+
+def affine_chain(schedule: SpacedSchedule, sampler: str):
     """Exact per-step maps x_{i-1} = g * x_i + h + s * z of a sampler fed the exact posterior.
 
     For Gaussian data every sampler step is affine in x_i, so the law of the output is known.
     """
-    s = schedule.to(dtype=torch.float64)
+    s = schedule  # float64
     maps = []
     for i in reversed(range(s.num_steps)):
         a, a_prev = s.alphas_cumprod[i], s.alphas_cumprod_prev[i]
@@ -250,11 +266,10 @@ def affine_chain(schedule: SpacedSchedule, sampler: str, eta: float = 0.0):
             std = (0.5 * s.posterior_log_variance_clipped[i]).exp() if i > 0 else 0.0
             maps.append((c1 * k + c2, c1 * x0_offset, std))
         else:
-            sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
-            direction = (1 - a_prev - sigma**2).sqrt()
+            direction = (1 - a_prev).sqrt()
             gain = a_prev.sqrt() * k + direction * e
             offset = a_prev.sqrt() * x0_offset - direction * e * a.sqrt() * DATA_MEAN
-            maps.append((gain, offset, sigma))
+            maps.append((gain, offset, 0.0))
     return maps
 
 
@@ -281,99 +296,62 @@ def test_ddpm_samples_toy_gaussian(base):
     schedule = SpacedSchedule.from_base(base, 50)
     x_T = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     calls, progress = [], []
-    run = sample_spaced_ddpm(
-        eps_denoiser(base, calls),
-        schedule,
+    run = SAMPLERS["spaced"].fn(
+        toy_denoiser(base, schedule, calls=calls),
         x_T,
-        generator=torch.Generator().manual_seed(1),
-        callback=lambda done, total, x: progress.append((done, total, x.shape)),
+        schedule,
+        noise=OfficialNoise(1),
+        callback=lambda info: progress.append((info["i"], info["level"], info["x"].shape)),
     )
     assert_matches_law(run, affine_chain(schedule, "ddpm"), x_T)
     assert abs(run.mean().item() - DATA_MEAN) < 0.02
     assert [int(t[0]) for t in calls] == schedule.timesteps.flip(0).tolist()
-    assert all(t.dtype == torch.int64 and t.shape == (64,) for t in calls)
-    assert progress == [(done, 50, x_T.shape) for done in range(1, 51)]
+    assert all(t.shape == (64,) for t in calls)
+    assert progress == [(i, 49 - i, x_T.shape) for i in range(50)]
 
-    again = sample_spaced_ddpm(
-        eps_denoiser(base), schedule, x_T, generator=torch.Generator().manual_seed(1)
-    )
-    other = sample_spaced_ddpm(
-        eps_denoiser(base), schedule, x_T, generator=torch.Generator().manual_seed(2)
-    )
+    again = sample("spaced", toy_denoiser(base, schedule), schedule, x_T, seed=1)
+    other = sample("spaced", toy_denoiser(base, schedule), schedule, x_T, seed=2)
     assert torch.equal(run, again)
     assert not torch.allclose(run, other)
 
 
 def test_ddim_samples_toy_gaussian(base):
-    schedule = SpacedSchedule.from_base(base, 25)
+    schedule = SpacedSchedule.ddim(base, 25)
     x_T = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    first = sample_ddim(eps_denoiser(base), schedule, x_T)
-    second = sample_ddim(
-        eps_denoiser(base), schedule, x_T, generator=torch.Generator().manual_seed(5)
-    )
-    assert torch.equal(first, second)
+    first = sample("ddim", toy_denoiser(base, schedule), schedule, x_T, seed=1)
+    second = sample("ddim", toy_denoiser(base, schedule), schedule, x_T, seed=5)
+    assert torch.equal(first, second)  # eta 0: the draws are unused
     assert_matches_law(first, affine_chain(schedule, "ddim"), x_T)
     assert abs(first.mean().item() - DATA_MEAN) < 0.02
 
-    stochastic = [
-        sample_ddim(
-            eps_denoiser(base), schedule, x_T, eta=1.0, generator=torch.Generator().manual_seed(s)
-        )
-        for s in (7, 7, 8)
-    ]
-    assert torch.equal(stochastic[0], stochastic[1])
-    assert not torch.allclose(stochastic[0], stochastic[2])
-    assert_matches_law(stochastic[0], affine_chain(schedule, "ddim", eta=1.0), x_T)
-
 
 def test_many_steps_land_on_the_data_distribution(base):
-    schedule = SpacedSchedule.from_base(base, 500)
     x_T = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    for samples in (
-        sample_spaced_ddpm(
-            eps_denoiser(base), schedule, x_T, generator=torch.Generator().manual_seed(1)
-        ),
-        sample_ddim(eps_denoiser(base), schedule, x_T),
-    ):
+    for name in ("spaced", "ddim"):
+        schedule = SAMPLERS[name].make_grid(base, 500)
+        samples = sample(name, toy_denoiser(base, schedule), schedule, x_T)
         assert abs(samples.mean().item() - DATA_MEAN) < 0.02
         assert abs(samples.std().item() / DATA_STD - 1) < 0.04
 
 
 def test_v_prediction_with_zero_terminal_snr():
+    """v-prediction + zero SNR, spaced DDPM and DDIM: outputs follow the exact law of the
+    toy data (SPEC's v formulas inside ModelDenoiser, the rescaled schedule)."""
     zero_snr = NoiseSchedule.linear(zero_terminal_snr=True)
-    schedule = SpacedSchedule.from_base(zero_snr, 50)
     x_T = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    ddpm = sample_spaced_ddpm(
-        v_denoiser(zero_snr),
-        schedule,
-        x_T,
-        parameterization="v",
-        generator=torch.Generator().manual_seed(1),
-    )
+    schedule = SpacedSchedule.from_base(zero_snr, 50)
+    ddpm = sample("spaced", toy_denoiser(zero_snr, schedule, "v"), schedule, x_T)
     assert torch.isfinite(ddpm).all()
     assert_matches_law(ddpm, affine_chain(schedule, "ddpm"), x_T)
-    ddim = sample_ddim(v_denoiser(zero_snr), schedule, x_T, parameterization="v")
-    assert_matches_law(ddim, affine_chain(schedule, "ddim"), x_T)
+    ddim_grid = SpacedSchedule.ddim(zero_snr, 50)
+    ddim = sample("ddim", toy_denoiser(zero_snr, ddim_grid, "v"), ddim_grid, x_T)
+    assert_matches_law(ddim, affine_chain(ddim_grid, "ddim"), x_T)
     # At zero terminal SNR the first DDPM step (beta = 1) forgets x_T: only the noise matters.
-    other_start = sample_spaced_ddpm(
-        v_denoiser(zero_snr),
-        schedule,
-        torch.randn(x_T.shape, generator=torch.Generator().manual_seed(4)),
-        parameterization="v",
-        generator=torch.Generator().manual_seed(1),
-    )
+    other_x_T = torch.randn(x_T.shape, generator=torch.Generator().manual_seed(4))
+    other_start = sample("spaced", toy_denoiser(zero_snr, schedule, "v"), schedule, other_x_T)
     torch.testing.assert_close(other_start, ddpm)
-
-
-def test_noise_like_is_seeded():
-    x = torch.zeros(2, 3, 4, 4, dtype=torch.float64)
-    first = noise_like(x, torch.Generator().manual_seed(9))
-    assert first.dtype == torch.float64 and first.shape == x.shape
-    assert torch.equal(first, noise_like(x, torch.Generator().manual_seed(9)))
-    assert not torch.equal(first, noise_like(x, torch.Generator().manual_seed(10)))
-    x_T = gaussian_noise((2, 3, 4, 4), generator=torch.Generator().manual_seed(9))
-    assert x_T.dtype == torch.float32
-    torch.testing.assert_close(x_T.double(), first)
+    with pytest.raises(ValueError, match="v-prediction"):
+        toy_denoiser(zero_snr, schedule, "eps")(x_T, schedule.num_steps - 1)
 
 
 # ---------------------------------------------------------------- restoration guidance
@@ -476,7 +454,7 @@ def test_guidance_rejects_bad_options():
         RestorationGuidance(target[:, :1], 1.0, decode=lambda z: z)
 
 
-def test_sampler_feeds_guided_x0_into_the_posterior(base):
+def test_samplers_feed_the_guided_x0_into_their_steps(base):
     schedule = SpacedSchedule.from_base(base, 10)
     seen = []
 
@@ -484,18 +462,19 @@ def test_sampler_feeds_guided_x0_into_the_posterior(base):
         seen.append((t_model, coef1))
         return torch.zeros_like(pred_x0)
 
-    x_t = torch.randn(1, 4, 3, 3)
-    out = spaced_ddpm_step(schedule, x_t, 4, torch.randn_like(x_t), guidance=guidance)
-    assert seen == [(int(schedule.timesteps[4]), float(schedule.posterior_mean_coef1[4]))]
-    assert torch.equal(out.pred_x0, torch.zeros_like(x_t))
+    x_T = torch.randn(1, 4, 3, 3)
+    guided = with_guidance(toy_denoiser(base, schedule), guidance, schedule)
+    assert torch.equal(guided(x_T, 4), torch.zeros_like(x_T))
+    assert seen == [(float(schedule.timesteps[4]), float(schedule.posterior_mean_coef1[4]))]
     seen.clear()
-    result = sample_spaced_ddpm(eps_denoiser(base), schedule, x_t, guidance=guidance)
+    result = sample("spaced", guided, schedule, x_T)
     assert [t for t, _ in seen] == schedule.timesteps.flip(0).tolist()
     # With x0 forced to 0 the final mean is coef2[0] * x_1 = 0 (coef2 at index 0 is 0).
     assert torch.allclose(result, torch.zeros_like(result))
+    grid = SAMPLERS["edm_heun"].make_grid(base, 4)
     seen.clear()
-    sample_ddim(eps_denoiser(base), schedule, x_t, guidance=guidance)
-    assert len(seen) == 10
+    sample("edm_heun", with_guidance(toy_denoiser(base, grid), guidance, grid), grid, x_T)
+    assert len(seen) == 2 * 4 - 1  # every clean estimate, the second Heun stage included
 
 
 def test_guided_pred_x0_matches_reference(refs, hparams, parity_dir):
@@ -506,7 +485,7 @@ def test_guided_pred_x0_matches_reference(refs, hparams, parity_dir):
     model.load_sd_weights(read_state_dict(parity_dir / "sd.ckpt"), str(parity_dir / "sd.ckpt"))
     step = refs["step"]
     schedule = SpacedSchedule.from_base(reference_base(hparams), step["steps"])
-    coef1 = float(schedule.posterior_mean_coef1[step["index"]])
+    coef1 = schedule.level(step["index"]).x0_coef
     for loss in ("w_mse", "mse"):
         guidance = RestorationGuidance(
             refs["guidance_target"], 0.5, space="rgb", loss=loss, decode=model.vae_decode

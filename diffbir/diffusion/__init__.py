@@ -1,42 +1,41 @@
-"""Diffusion math: noise schedules, samplers and restoration guidance."""
+"""Diffusion math: schedules and grids, samplers, denoisers, noise sources and guidance."""
 
-from diffbir.diffusion.guidance import RestorationGuidance, region_weight_map
-from diffbir.diffusion.samplers import (
-    StepOutput,
-    cfg_denoiser,
-    ddim_step,
-    eps_from_x0,
-    gaussian_noise,
-    noise_like,
-    posterior_mean_variance,
-    predict_x0_and_eps,
-    sample_ddim,
-    sample_spaced_ddpm,
-    spaced_ddpm_step,
-)
+from diffbir.diffusion.denoiser import GuidedModel, ModelDenoiser, rescaled_cfg_scale
+from diffbir.diffusion.grids import DpmSolverGrid, EdmGrid
+from diffbir.diffusion.guidance import RestorationGuidance, region_weight_map, with_guidance
+from diffbir.diffusion.noise import OfficialNoise, PerImageNoise, RecordedNoise, gaussian_noise
+from diffbir.diffusion.samplers import SAMPLERS, SamplerSpec, get_sampler
 from diffbir.diffusion.schedule import (
+    NoiseLevel,
     NoiseSchedule,
+    Parameterization,
     SpacedSchedule,
+    ddim_timesteps,
     rescale_zero_terminal_snr,
     spaced_timesteps,
 )
 
 __all__ = [
+    "SAMPLERS",
+    "DpmSolverGrid",
+    "EdmGrid",
+    "GuidedModel",
+    "ModelDenoiser",
+    "NoiseLevel",
     "NoiseSchedule",
+    "OfficialNoise",
+    "Parameterization",
+    "PerImageNoise",
+    "RecordedNoise",
     "RestorationGuidance",
+    "SamplerSpec",
     "SpacedSchedule",
-    "StepOutput",
-    "cfg_denoiser",
-    "ddim_step",
-    "eps_from_x0",
+    "ddim_timesteps",
     "gaussian_noise",
-    "noise_like",
-    "posterior_mean_variance",
-    "predict_x0_and_eps",
+    "get_sampler",
     "region_weight_map",
     "rescale_zero_terminal_snr",
-    "sample_ddim",
-    "sample_spaced_ddpm",
-    "spaced_ddpm_step",
+    "rescaled_cfg_scale",
     "spaced_timesteps",
+    "with_guidance",
 ]

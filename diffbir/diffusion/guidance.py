@@ -1,13 +1,20 @@
-"""Region-adaptive restoration guidance (paper §3.4, §6.3, Algorithm 1)."""
+"""Region-adaptive restoration guidance (paper §3.4, §6.3, Algorithm 1), as a wrapper of the
+clean-estimate denoiser, so that it works with every sampler."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from diffbir.diffusion.denoiser import Denoiser
+from diffbir.diffusion.grids import Grid
+
+# guidance(pred_x0, t_model, coef1) -> guided pred_x0
+Guidance = Callable[[Tensor, float, float], Tensor]
 
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 SOBEL_X = ((1.0, 0.0, -1.0), (2.0, 0.0, -2.0), (1.0, 0.0, -1.0))
@@ -115,7 +122,7 @@ class RestorationGuidance:
             self.target = goal.clone()
             self.weight = None if weight is None else weight.clone()
 
-    def is_active(self, t_model: int) -> bool:
+    def is_active(self, t_model: float) -> bool:
         """Whether guidance applies at original timestep ``t_model``."""
         return self.scale > 0 and self.t_stop < t_model + 1 < self.t_start
 
@@ -134,7 +141,7 @@ class RestorationGuidance:
             squared_error = squared_error * self.weight
         return squared_error.mean(dim=(1, 2, 3)).sum()
 
-    def __call__(self, pred_x0: Tensor, t_model: int, coef1: float) -> Tensor:
+    def __call__(self, pred_x0: Tensor, t_model: float, coef1: float) -> Tensor:
         """The guided clean-latent estimate (``pred_x0`` itself when inactive)."""
         if not self.is_active(t_model):
             return pred_x0
@@ -147,3 +154,20 @@ class RestorationGuidance:
                 (grad,) = torch.autograd.grad(self.loss(prediction), z0)
                 z0 = (z0 - step_size * grad).detach()
         return z0
+
+
+def with_guidance(denoise: Denoiser, guidance: Guidance, grid: Grid) -> Denoiser:
+    """``denoise`` whose clean estimate is guided at every call, for any sampler.
+
+    At a level of ``grid`` the guidance gets the model timestep and ``c1 = level.x0_coef``,
+    the posterior-mean coefficient of x0 from that level to the next grid level, so the update
+    ``z0 <- z0 - 3000 s grad / c1`` is the official one on the spaced-DDPM grid. On an EDM grid,
+    at sigma with next grid sigma sigma' (0 at the end), abar = 1 / (1 + sigma^2) and
+    ``c1 = (1 - abar / abar') sqrt(abar') / (1 - abar)`` (1 for the last step).
+    """
+
+    def guided(x: Tensor, level: Any) -> Tensor:
+        lv = grid.level(level)
+        return guidance(denoise(x, level), lv.t, lv.x0_coef)
+
+    return guided

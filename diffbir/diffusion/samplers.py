@@ -1,263 +1,580 @@
-"""Samplers over a respaced schedule, written as plain functions over a denoiser.
+"""Every sampler, as a plain function over a clean-estimate denoiser, and their registry.
 
-A *denoiser* is ``denoiser(x_t, t_model) -> model_output`` where ``t_model`` is a LongTensor (B,)
-of original timesteps. A *guidance* is ``guidance(pred_x0, t_model: int, coef1: float) -> pred_x0``
-(see ``RestorationGuidance``). Step index ``i`` runs from N-1 down to 0; the model sees
-``schedule.timesteps[i]``; coefficients are taken at ``i``.
+Each sampler is ``sample_<name>(denoise, x, grid, *, noise, callback=None, <knobs>) -> x_0``:
+
+- ``denoise(x, level) -> x0`` (batched; see :class:`~diffbir.diffusion.denoiser.ModelDenoiser`):
+  ``level`` is a step index on a :class:`SpacedSchedule` or :class:`DpmSolverGrid`, an EDM sigma
+  on an :class:`EdmGrid`.
+- ``x`` is the unit-variance start noise x_T (EDM samplers scale it by ``sqrt(1 + sigma_0^2)``).
+- ``noise(like, level, next_level)`` is called for every draw, where the official code draws,
+  even when the draw is unused (see :mod:`diffbir.diffusion.noise`).
+- ``callback({"i", "x", "level", "denoised"})`` after each step.
+
+Coefficients are Python floats read off the grid (no device reads in the loop); multistep
+history stays local. The EDM samplers follow k-diffusion's definitions (Karras et al. 2022), as
+the official code does; ``dpm++_m2`` is DPM-Solver++ multistep of order 2 (Lu et al. 2022).
+Name -> :class:`SamplerSpec` in :data:`SAMPLERS`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from diffbir.diffusion.schedule import SpacedSchedule
+from diffbir.diffusion.denoiser import Denoiser
+from diffbir.diffusion.grids import DpmSolverGrid, EdmGrid, Grid
+from diffbir.diffusion.noise import NoiseSource
+from diffbir.diffusion.schedule import NoiseSchedule, SpacedSchedule
 
-Denoiser = Callable[[Tensor, Tensor], Tensor]
-ConditionalModel = Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor]
-Guidance = Callable[[Tensor, int, float], Tensor]
-StepCallback = Callable[[int, int, Tensor], None]
-Parameterization = Literal["eps", "v"]
+StepCallback = Callable[[dict[str, Any]], None]
+SQRT2_MINUS_1 = 2**0.5 - 1
 
 
-def gaussian_noise(
-    shape: tuple[int, ...] | torch.Size,
+def _report(callback: StepCallback | None, i: int, x: Tensor, level: Any, denoised: Tensor) -> None:
+    if callback is not None:
+        callback({"i": i, "x": x, "level": level, "denoised": denoised})
+
+
+# ---------------------------------------------------------------- DDPM family
+
+
+def sample_spaced(
+    denoise: Denoiser,
+    x: Tensor,
+    grid: SpacedSchedule,
     *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    noise: NoiseSource,
+    callback: StepCallback | None = None,
 ) -> Tensor:
-    """Standard normal noise, drawn from ``generator`` when given (e.g. the initial x_T).
-
-    The noise is drawn on the generator's device in float32 and then moved to ``device`` and
-    ``dtype``, so a seeded CPU generator gives the same noise whatever device the sample is on.
-    """
-    if generator is None:
-        return torch.randn(shape, device=device, dtype=dtype)
-    noise = torch.randn(shape, generator=generator, device=generator.device)
-    return noise.to(device=device, dtype=dtype)
-
-
-def noise_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Standard normal noise with the shape, device and dtype of ``x`` (see ``gaussian_noise``)."""
-    return gaussian_noise(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
-
-def predict_x0_and_eps(
-    schedule: SpacedSchedule,
-    x_t: Tensor,
-    index: int,
-    model_output: Tensor,
-    parameterization: Parameterization = "eps",
-) -> tuple[Tensor, Tensor]:
-    """``(pred_x0, pred_eps)`` at step ``index`` from an eps- or v-prediction ``model_output``."""
-    if parameterization == "eps":
-        pred_x0 = (
-            schedule.sqrt_recip_alphas_cumprod[index] * x_t
-            - schedule.sqrt_recipm1_alphas_cumprod[index] * model_output
-        )
-        return pred_x0, model_output
-    if parameterization == "v":
-        sqrt_ac = schedule.sqrt_alphas_cumprod[index]
-        sqrt_one_minus = schedule.sqrt_one_minus_alphas_cumprod[index]
-        pred_x0 = sqrt_ac * x_t - sqrt_one_minus * model_output
-        pred_eps = sqrt_ac * model_output + sqrt_one_minus * x_t
-        return pred_x0, pred_eps
-    raise ValueError(f"parameterization: expected 'eps' or 'v', got {parameterization!r}")
-
-
-def eps_from_x0(schedule: SpacedSchedule, x_t: Tensor, index: int, pred_x0: Tensor) -> Tensor:
-    """The noise consistent with ``x_t`` and ``pred_x0`` at step ``index``."""
-    return (x_t - schedule.sqrt_alphas_cumprod[index] * pred_x0) / (
-        schedule.sqrt_one_minus_alphas_cumprod[index]
-    )
-
-
-def posterior_mean_variance(
-    schedule: SpacedSchedule, x_t: Tensor, pred_x0: Tensor, index: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean, variance and clipped log-variance of q(x_{i-1} | x_i, x0) at step ``index``."""
-    mean = (
-        schedule.posterior_mean_coef1[index] * pred_x0 + schedule.posterior_mean_coef2[index] * x_t
-    )
-    return (
-        mean,
-        schedule.posterior_variance[index],
-        schedule.posterior_log_variance_clipped[index],
-    )
-
-
-def _guide(
-    schedule: SpacedSchedule, pred_x0: Tensor, index: int, guidance: Guidance | None
-) -> Tensor:
-    if guidance is None:
-        return pred_x0
-    t_model = int(schedule.timesteps[index])
-    return guidance(pred_x0, t_model, float(schedule.posterior_mean_coef1[index]))
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    """One sampler step: the next sample and the (guided) clean estimate it came from."""
-
-    x_prev: Tensor
-    pred_x0: Tensor
-
-
-def spaced_ddpm_step(
-    schedule: SpacedSchedule,
-    x_t: Tensor,
-    index: int,
-    model_output: Tensor,
-    *,
-    parameterization: Parameterization = "eps",
-    guidance: Guidance | None = None,
-    generator: torch.Generator | None = None,
-) -> StepOutput:
-    """One ancestral DDPM step: x0 estimate, optional guidance on it, then sample the posterior.
-
-    Noise with std exp(0.5 * posterior_log_variance_clipped) is added except at index 0.
-    """
-    pred_x0, _ = predict_x0_and_eps(schedule, x_t, index, model_output, parameterization)
-    pred_x0 = _guide(schedule, pred_x0, index, guidance)
-    mean, _, log_variance = posterior_mean_variance(schedule, x_t, pred_x0, index)
-    if index == 0:
-        return StepOutput(x_prev=mean, pred_x0=pred_x0)
-    x_prev = mean + (0.5 * log_variance).exp() * noise_like(x_t, generator)
-    return StepOutput(x_prev=x_prev, pred_x0=pred_x0)
-
-
-def ddim_step(
-    schedule: SpacedSchedule,
-    x_t: Tensor,
-    index: int,
-    model_output: Tensor,
-    *,
-    eta: float = 0.0,
-    parameterization: Parameterization = "eps",
-    guidance: Guidance | None = None,
-    generator: torch.Generator | None = None,
-) -> StepOutput:
-    """One DDIM step from index ``index`` to ``index - 1`` (alphas_cumprod_prev = 1 at index 0).
-
-    With guidance, the noise estimate is recomputed from the guided x0 so both stay consistent.
-    """
-    pred_x0, pred_eps = predict_x0_and_eps(schedule, x_t, index, model_output, parameterization)
-    if guidance is not None:
-        pred_x0 = _guide(schedule, pred_x0, index, guidance)
-        pred_eps = eps_from_x0(schedule, x_t, index, pred_x0)
-    ac, ac_prev = schedule.alphas_cumprod[index], schedule.alphas_cumprod_prev[index]
-    sigma = eta * ((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)).sqrt()
-    x_prev = ac_prev.sqrt() * pred_x0 + (1 - ac_prev - sigma**2).clamp(min=0).sqrt() * pred_eps
-    if eta > 0 and index > 0:
-        x_prev = x_prev + sigma * noise_like(x_t, generator)
-    return StepOutput(x_prev=x_prev, pred_x0=pred_x0)
-
-
-def _coefficients_for(schedule: SpacedSchedule, x: Tensor) -> SpacedSchedule:
-    """The schedule on ``x``'s device, float64 for float64 samples and float32 otherwise."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return schedule.to(device=x.device, dtype=dtype)
-
-
-def _run(
-    step: Callable[..., StepOutput],
-    denoiser: Denoiser,
-    schedule: SpacedSchedule,
-    x_T: Tensor,
-    callback: StepCallback | None,
-    **step_kwargs,
-) -> Tensor:
-    schedule = _coefficients_for(schedule, x_T)
-    total = schedule.num_steps
-    x = x_T
-    for done, index in enumerate(reversed(range(total)), start=1):
-        t_model = schedule.timesteps[index].repeat(x.shape[0])
-        x = step(schedule, x, index, denoiser(x, t_model), **step_kwargs).x_prev
-        if callback is not None:
-            callback(done, total, x)
+    """Ancestral sampling of the respaced DDPM: posterior mean of the clean estimate plus
+    ``exp(0.5 * log_variance_clipped)`` noise. One draw per step; the last is unused."""
+    coef1 = grid.posterior_mean_coef1.tolist()
+    coef2 = grid.posterior_mean_coef2.tolist()
+    std = (0.5 * grid.posterior_log_variance_clipped).exp().tolist()
+    for step, i in enumerate(reversed(range(grid.num_steps))):
+        x0 = denoise(x, i)
+        z = noise(x, i, i - 1)
+        mean = coef1[i] * x0 + coef2[i] * x
+        x = mean + std[i] * z if i > 0 else mean
+        _report(callback, step, x, i, x0)
     return x
 
 
-def sample_spaced_ddpm(
-    denoiser: Denoiser,
-    schedule: SpacedSchedule,
-    x_T: Tensor,
-    *,
-    parameterization: Parameterization = "eps",
-    guidance: Guidance | None = None,
-    generator: torch.Generator | None = None,
-    callback: StepCallback | None = None,
-) -> Tensor:
-    """Ancestral sampling over all step indices N-1..0; returns x_0.
-
-    ``callback(done, total, x)`` is called after each step (done = 1..total).
-    """
-    return _run(
-        spaced_ddpm_step,
-        denoiser,
-        schedule,
-        x_T,
-        callback,
-        parameterization=parameterization,
-        guidance=guidance,
-        generator=generator,
-    )
-
-
 def sample_ddim(
-    denoiser: Denoiser,
-    schedule: SpacedSchedule,
-    x_T: Tensor,
+    denoise: Denoiser,
+    x: Tensor,
+    grid: SpacedSchedule,
     *,
-    eta: float = 0.0,
-    parameterization: Parameterization = "eps",
-    guidance: Guidance | None = None,
-    generator: torch.Generator | None = None,
+    noise: NoiseSource,
     callback: StepCallback | None = None,
 ) -> Tensor:
-    """DDIM sampling over all step indices N-1..0 (deterministic for ``eta == 0``)."""
-    if eta < 0:
-        raise ValueError(f"eta: expected >= 0, got {eta}")
-    return _run(
-        ddim_step,
-        denoiser,
-        schedule,
-        x_T,
-        callback,
-        eta=eta,
-        parameterization=parameterization,
-        guidance=guidance,
-        generator=generator,
+    """Deterministic DDIM (eta 0) on the official "uniform" grid (:meth:`SpacedSchedule.ddim`).
+    The noise consistent with the (possibly guided) clean estimate points to the next level.
+    One (unused) draw per step, as the official code draws."""
+    prev = grid.alphas_cumprod_prev.tolist()
+    for step, i in enumerate(reversed(range(grid.num_steps))):
+        lv = grid.level(i)
+        x0 = denoise(x, i)
+        eps = (x - lv.alpha * x0) / lv.sigma
+        noise(x, i, i - 1)
+        x = prev[i] ** 0.5 * x0 + (1.0 - prev[i]) ** 0.5 * eps
+        _report(callback, step, x, i, x0)
+    return x
+
+
+def sample_dpmpp_m2(
+    denoise: Denoiser,
+    x: Tensor,
+    grid: DpmSolverGrid,
+    *,
+    noise: NoiseSource,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """DPM-Solver++ multistep, order 2 (data prediction): the first step, and the last one when
+    there are fewer than 10 steps, are first order. No draws."""
+    lam, alpha, sigma = grid.lambdas, grid.alphas, grid.sigmas
+    steps, x0_prev = grid.num_steps, None
+    for i in range(steps):
+        x0 = denoise(x, i)
+        h = lam[i + 1] - lam[i]
+        phi = alpha[i + 1] * math.expm1(-h)
+        x_next = (sigma[i + 1] / sigma[i]) * x - phi * x0
+        if x0_prev is not None and not (steps < 10 and i == steps - 1):
+            r = (lam[i] - lam[i - 1]) / h
+            x_next = x_next - (0.5 * phi) * ((x0 - x0_prev) / r)
+        x, x0_prev = x_next, x0
+        _report(callback, i, x, i, x0)
+    return x
+
+
+# ---------------------------------------------------------------- EDM family (k-diffusion)
+#
+# The step sizes are computed in float32 from the float32 grid sigmas, as the official sampler
+# does: with sigma_0 = 1e4 the first step cancels x (~1e4) down to ~sigma_1, so its rounding
+# decides the result at the parity tolerance. Scalars are 0-d float32 CPU tensors (no device
+# reads); branches read the grid's Python floats.
+
+
+def _f32(value: float) -> Tensor:
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def _edm_start(x: Tensor, grid: EdmGrid) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The start ``x_T sqrt(1 + sigma_0^2)`` and the grid sigmas as float32 scalars."""
+    sigmas = tuple(_f32(s) for s in grid.sigmas)
+    return x * torch.sqrt(1.0 + sigmas[0] ** 2.0), sigmas
+
+
+def _ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+    """(sigma_down, sigma_up) of an ancestral step from ``sigma`` to ``sigma_next``."""
+    if not eta:
+        return sigma_next, _f32(0.0)
+    up = eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+    up = torch.minimum(sigma_next, up)
+    return (sigma_next**2 - up**2) ** 0.5, up
+
+
+def _churn(
+    x: Tensor,
+    sigmas: tuple[Tensor, ...],
+    i: int,
+    noise: NoiseSource,
+    s_churn: float,
+    s_tmin: float,
+    s_tmax: float,
+    s_noise: float,
+) -> tuple[Tensor, Tensor]:
+    """Karras' churn: raise sigma_i to sigma_hat = sigma_i (1 + gamma) with fresh noise. The
+    draw is made at every step (the official samplers do), used only when gamma > 0."""
+    sigma = sigmas[i]
+    churned = s_tmin <= float(sigma) <= s_tmax
+    gamma = min(s_churn / (len(sigmas) - 1), SQRT2_MINUS_1) if churned else 0.0
+    z = noise(x, float(sigma), float(sigma) * (gamma + 1)) * s_noise
+    sigma_hat = sigma * (gamma + 1)
+    if gamma > 0:
+        x = x + z * (sigma_hat**2 - sigma**2) ** 0.5
+    return x, sigma_hat
+
+
+def _to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
+    """The Karras ODE derivative ``(x - D(x)) / sigma``."""
+    return (x - denoised) / sigma
+
+
+def _draw(noise: NoiseSource, x: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    return noise(x, float(sigma), float(sigma_next))
+
+
+def sample_edm_euler(
+    denoise: Denoiser,
+    x: Tensor,
+    grid: EdmGrid,
+    *,
+    noise: NoiseSource,
+    callback: StepCallback | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = 300.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Euler steps with churn (Karras Alg. 2). One draw per step."""
+    x, sigmas = _edm_start(x, grid)
+    for i in range(grid.num_steps):
+        x, sigma_hat = _churn(x, sigmas, i, noise, s_churn, s_tmin, s_tmax, s_noise)
+        x0 = denoise(x, float(sigma_hat))
+        x = x + _to_d(x, sigma_hat, x0) * (sigmas[i + 1] - sigma_hat)
+        _report(callback, i, x, float(sigma_hat), x0)
+    return x
+
+
+def sample_edm_heun(
+    denoise: Denoiser,
+    x: Tensor,
+    grid: EdmGrid,
+    *,
+    noise: NoiseSource,
+    callback: StepCallback | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = 300.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Heun steps with churn (Karras Alg. 2); Euler for the last step. One draw per step."""
+    x, sigmas = _edm_start(x, grid)
+    for i in range(grid.num_steps):
+        x, sigma_hat = _churn(x, sigmas, i, noise, s_churn, s_tmin, s_tmax, s_noise)
+        x0 = denoise(x, float(sigma_hat))
+        d = _to_d(x, sigma_hat, x0)
+        dt = sigmas[i + 1] - sigma_hat
+        if grid.sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = _to_d(x_2, sigmas[i + 1], denoise(x_2, grid.sigmas[i + 1]))
+            x = x + (d + d_2) / 2 * dt
+        _report(callback, i, x, float(sigma_hat), x0)
+    return x
+
+
+def _log_midpoint(a: Tensor, b: Tensor) -> Tensor:
+    return a.log().lerp(b.log(), 0.5).exp()
+
+
+def sample_edm_dpm_2(
+    denoise: Denoiser,
+    x: Tensor,
+    grid: EdmGrid,
+    *,
+    noise: NoiseSource,
+    callback: StepCallback | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = 300.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """DPM-Solver-2-like midpoint steps (in log sigma) with churn; Euler for the last step.
+    One draw per step."""
+    x, sigmas = _edm_start(x, grid)
+    for i in range(grid.num_steps):
+        x, sigma_hat = _churn(x, sigmas, i, noise, s_churn, s_tmin, s_tmax, s_noise)
+        x0 = denoise(x, float(sigma_hat))
+        d = _to_d(x, sigma_hat, x0)
+        if grid.sigmas[i + 1] == 0:
+            x = x + d * (sigmas[i + 1] - sigma_hat)
+        else:
+            sigma_mid = _log_midpoint(sigma_hat, sigmas[i + 1])
+            x_2 = x + d * (sigma_mid - sigma_hat)
+            d_2 = _to_d(x_2, sigma_mid, denoise(x_2, float(sigma_mid)))
+            x = x + d_2 * (sigmas[i + 1] - sigma_hat)
+        _report(callback, i, x, float(sigma_hat), x0)
+    return x
+
+
+def sample_edm_euler_a(
+    denoise: Denoiser,
+    x: Tensor,
+    grid: EdmGrid,
+    *,
+    noise: NoiseSource,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Ancestral Euler steps. One draw per step but the last."""
+    x, sigmas = _edm_start(x, grid)
+    for i in range(grid.num_steps):
+        x0 = denoise(x, grid.sigmas[i])
+        sigma_down, sigma_up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        x = x + _to_d(x, sigmas[i], x0) * (sigma_down - sigmas[i])
+        if grid.sigmas[i + 1] > 0:
+            x = x + _draw(noise, x, sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        _report(callback, i, x, grid.sigmas[i], x0)
+    return x
+
+
+def sample_edm_dpm_2_a(
+    denoise: Denoiser,
+    x: Tensor,
+    grid: EdmGrid,
+    *,
+    noise: NoiseSource,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Ancestral DPM-Solver-2-like steps. One draw per step but the last."""
+    x, sigmas = _edm_start(x, grid)
+    for i in range(grid.num_steps):
+        x0 = denoise(x, grid.sigmas[i])
+        sigma_down, sigma_up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        d = _to_d(x, sigmas[i], x0)
+        if float(sigma_down) == 0:
+            x = x + d * (sigma_down - sigmas[i])
+        else:
+            sigma_mid = _log_midpoint(sigmas[i], sigma_down)
+            x_2 = x + d * (sigma_mid - sigmas[i])
+            d_2 = _to_d(x_2, sigma_mid, denoise(x_2, float(sigma_mid)))
+            x = x + d_2 * (sigma_down - sigmas[i])
+            x = x + _draw(noise, x, sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        _report(callback, i, x, grid.sigmas[i], x0)
+    return x
+
+
+def lms_coefficients(sigmas: tuple[float, ...], order: int) -> list[list[float]]:
+    """Per step i, the linear-multistep weights of the last ``min(i + 1, order)`` derivatives
+    (newest first): integrals over [sigma_i, sigma_{i+1}] of the Lagrange basis polynomials
+    through the previous sigmas, exact (the polynomials are integrated in closed form)."""
+    coefficients = []
+    for i in range(len(sigmas) - 1):
+        current = min(i + 1, order)
+        row = []
+        for j in range(current):
+            basis = np.polynomial.Polynomial([1.0])
+            for k in range(current):
+                if k != j:
+                    denominator = sigmas[i - j] - sigmas[i - k]
+                    basis = basis * np.polynomial.Polynomial([-sigmas[i - k], 1.0]) / denominator
+            antiderivative = basis.integ()
+            row.append(float(antiderivative(sigmas[i + 1]) - antiderivative(sigmas[i])))
+        coefficients.append(row)
+    return coefficients
+
+
+def sample_edm_lms(
+    denoise: Denoiser,
+    x: Tensor,
+    grid: EdmGrid,
+    *,
+    noise: NoiseSource,
+    callback: StepCallback | None = None,
+    order: int = 1,
+) -> Tensor:
+    """Linear multistep of ``order`` over the Karras ODE. No draws."""
+    if order < 1:
+        raise ValueError(f"order: expected >= 1, got {order}")
+    x, sigmas = _edm_start(x, grid)
+    weights = lms_coefficients(grid.sigmas, order)
+    derivatives: list[Tensor] = []
+    for i in range(grid.num_steps):
+        x0 = denoise(x, grid.sigmas[i])
+        derivatives = [_to_d(x, sigmas[i], x0), *derivatives][:order]
+        x = x + sum(w * d for w, d in zip(weights[i], derivatives, strict=True))
+        _report(callback, i, x, grid.sigmas[i], x0)
+    return x
+
+
+def _t(sigma: Tensor) -> Tensor:
+    """log-SNR time ``-log sigma``."""
+    return sigma.log().neg()
+
+
+def _sigma(t: Tensor) -> Tensor:
+    return t.neg().exp()
+
+
+def sample_edm_dpmpp_2s_a(
+    denoise: Denoiser,
+    x: Tensor,
+    grid: EdmGrid,
+    *,
+    noise: NoiseSource,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Ancestral DPM-Solver++(2S). One draw per step but the last."""
+    x, sigmas = _edm_start(x, grid)
+    for i in range(grid.num_steps):
+        x0 = denoise(x, grid.sigmas[i])
+        sigma_down, sigma_up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        if float(sigma_down) == 0:
+            x = x + _to_d(x, sigmas[i], x0) * (sigma_down - sigmas[i])
+        else:
+            t, t_next = _t(sigmas[i]), _t(sigma_down)
+            h = t_next - t
+            s = t + 0.5 * h
+            x_2 = (_sigma(s) / _sigma(t)) * x - (-h * 0.5).expm1() * x0
+            x0_2 = denoise(x_2, float(_sigma(s)))
+            x = (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * x0_2
+        if grid.sigmas[i + 1] > 0:
+            x = x + _draw(noise, x, sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        _report(callback, i, x, grid.sigmas[i], x0)
+    return x
+
+
+def sample_edm_dpmpp_sde(
+    denoise: Denoiser,
+    x: Tensor,
+    grid: EdmGrid,
+    *,
+    noise: NoiseSource,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """DPM-Solver++ (stochastic, midpoint r = 1/2). Two draws per step but the last."""
+    x, sigmas = _edm_start(x, grid)
+    for i in range(grid.num_steps):
+        x0 = denoise(x, grid.sigmas[i])
+        if grid.sigmas[i + 1] == 0:
+            x = x + _to_d(x, sigmas[i], x0) * (sigmas[i + 1] - sigmas[i])
+        else:
+            t, t_next = _t(sigmas[i]), _t(sigmas[i + 1])
+            s = t + (t_next - t) * 0.5
+            down, up = _ancestral_step(_sigma(t), _sigma(s), eta)
+            s_ = _t(down)
+            x_2 = (_sigma(s_) / _sigma(t)) * x - (t - s_).expm1() * x0
+            x_2 = x_2 + _draw(noise, x, _sigma(t), _sigma(s)) * s_noise * up
+            # with r = 1/2 the second stage uses the midpoint estimate alone
+            x0_2 = denoise(x_2, float(_sigma(s)))
+            down, up = _ancestral_step(_sigma(t), _sigma(t_next), eta)
+            t_next_ = _t(down)
+            x = (_sigma(t_next_) / _sigma(t)) * x - (t - t_next_).expm1() * x0_2
+            x = x + _draw(noise, x, _sigma(t), _sigma(t_next)) * s_noise * up
+        _report(callback, i, x, grid.sigmas[i], x0)
+    return x
+
+
+def sample_edm_dpmpp_2m(
+    denoise: Denoiser,
+    x: Tensor,
+    grid: EdmGrid,
+    *,
+    noise: NoiseSource,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M); first order for the first and the last step. No draws."""
+    x, sigmas = _edm_start(x, grid)
+    x0_prev = None
+    for i in range(grid.num_steps):
+        x0 = denoise(x, grid.sigmas[i])
+        t, t_next = _t(sigmas[i]), _t(sigmas[i + 1])
+        h = t_next - t
+        x0_d = x0
+        if x0_prev is not None and grid.sigmas[i + 1] > 0:
+            r = (t - _t(sigmas[i - 1])) / h
+            x0_d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        x = (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * x0_d
+        x0_prev = x0
+        _report(callback, i, x, grid.sigmas[i], x0)
+    return x
+
+
+def sample_edm_dpmpp_2m_sde(
+    denoise: Denoiser,
+    x: Tensor,
+    grid: EdmGrid,
+    *,
+    noise: NoiseSource,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """DPM-Solver++(2M) SDE, midpoint variant. One draw per step but the last (none when
+    ``eta`` is 0); the last step returns the clean estimate."""
+    x, sigmas = _edm_start(x, grid)
+    x0_prev, h = None, None
+    for i in range(grid.num_steps):
+        x0 = denoise(x, grid.sigmas[i])
+        if grid.sigmas[i + 1] == 0:
+            x = x0
+        else:
+            h_last, h = h, _t(sigmas[i + 1]) - _t(sigmas[i])
+            eta_h = eta * h
+            decay = (-h - eta_h).expm1().neg()
+            x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + decay * x0
+            if x0_prev is not None:
+                x = x + 0.5 * decay * (1 / (h_last / h)) * (x0 - x0_prev)
+            if eta:
+                z = _draw(noise, x, sigmas[i], sigmas[i + 1])
+                x = x + z * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * s_noise
+        x0_prev = x0
+        _report(callback, i, x, grid.sigmas[i], x0)
+    return x
+
+
+def sample_edm_dpmpp_3m_sde(
+    denoise: Denoiser,
+    x: Tensor,
+    grid: EdmGrid,
+    *,
+    noise: NoiseSource,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """DPM-Solver++(3M) SDE. One draw per step but the last (none when ``eta`` is 0); the
+    last step returns the clean estimate."""
+    x, sigmas = _edm_start(x, grid)
+    x0_1 = x0_2 = None
+    h = h_1 = h_2 = None
+    for i in range(grid.num_steps):
+        x0 = denoise(x, grid.sigmas[i])
+        if grid.sigmas[i + 1] == 0:
+            x = x0
+        else:
+            h = _t(sigmas[i + 1]) - _t(sigmas[i])
+            h_eta = h * (eta + 1)
+            x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * x0
+            phi_2 = h_eta.neg().expm1() / h_eta + 1
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (x0 - x0_1) / r0
+                d1_1 = (x0_1 - x0_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + phi_2 * d1 - phi_3 * d2
+            elif h_1 is not None:
+                x = x + phi_2 * ((x0 - x0_1) / (h_1 / h))
+            if eta:
+                z = _draw(noise, x, sigmas[i], sigmas[i + 1])
+                x = x + z * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+        x0_1, x0_2 = x0, x0_1
+        h_1, h_2 = h, h_1
+        _report(callback, i, x, grid.sigmas[i], x0)
+    return x
+
+
+# ---------------------------------------------------------------- registry
+
+GridBuilder = Callable[[NoiseSchedule, int], Grid]
+CHURN_KNOBS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+ANCESTRAL_KNOBS = ("eta", "s_noise")
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler: its function, how to build its grid for N steps, and its knobs."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    make_grid: GridBuilder
+    knobs: tuple[str, ...] = ()
+
+    def check_knobs(self, knobs: Mapping[str, Any]) -> None:
+        """Raise a ValueError naming the sampler and every knob it does not have."""
+        unknown = sorted(set(knobs) - set(self.knobs))
+        if unknown:
+            has = ", ".join(self.knobs) or "none"
+            raise ValueError(
+                f"sampler {self.name!r} has no knob {', '.join(unknown)} (its knobs: {has})"
+            )
+
+
+def _spec(name: str, fn: Callable[..., Tensor], make_grid: GridBuilder, knobs=()) -> SamplerSpec:
+    return SamplerSpec(name, fn, make_grid, tuple(knobs))
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    spec.name: spec
+    for spec in (
+        _spec("spaced", sample_spaced, SpacedSchedule.from_base),
+        _spec("ddim", sample_ddim, SpacedSchedule.ddim),
+        _spec("dpm++_m2", sample_dpmpp_m2, DpmSolverGrid.from_base),
+        _spec("edm_euler", sample_edm_euler, EdmGrid.from_base, CHURN_KNOBS),
+        _spec("edm_euler_a", sample_edm_euler_a, EdmGrid.from_base, ANCESTRAL_KNOBS),
+        _spec("edm_heun", sample_edm_heun, EdmGrid.from_base, CHURN_KNOBS),
+        _spec("edm_dpm_2", sample_edm_dpm_2, EdmGrid.from_base, CHURN_KNOBS),
+        _spec("edm_dpm_2_a", sample_edm_dpm_2_a, EdmGrid.from_base, ANCESTRAL_KNOBS),
+        _spec("edm_lms", sample_edm_lms, EdmGrid.from_base, ("order",)),
+        _spec("edm_dpm++_2s_a", sample_edm_dpmpp_2s_a, EdmGrid.from_base, ANCESTRAL_KNOBS),
+        _spec("edm_dpm++_sde", sample_edm_dpmpp_sde, EdmGrid.from_base, ANCESTRAL_KNOBS),
+        _spec("edm_dpm++_2m", sample_edm_dpmpp_2m, EdmGrid.from_base),
+        _spec("edm_dpm++_2m_sde", sample_edm_dpmpp_2m_sde, EdmGrid.from_base, ANCESTRAL_KNOBS),
+        _spec("edm_dpm++_3m_sde", sample_edm_dpmpp_3m_sde, EdmGrid.from_base, ANCESTRAL_KNOBS),
     )
+}
 
 
-def cfg_denoiser(
-    model_fn: ConditionalModel,
-    cond: Mapping[str, Tensor],
-    uncond: Mapping[str, Tensor],
-    scale: float,
-) -> Denoiser:
-    """Classifier-free guidance: ``out_u + scale * (out_c - out_u)``.
-
-    ``model_fn(x, t, cond_dict)`` is run ONCE per call on the batch ``cat([cond, uncond])``
-    (x and t duplicated); with ``scale == 1`` only the conditional branch is run.
-    """
-    if scale == 1:
-        cond = dict(cond)
-        return lambda x, t: model_fn(x, t, cond)
-    if set(cond) != set(uncond):
-        raise ValueError(
-            f"cond/uncond: expected the same keys, got {sorted(cond)} and {sorted(uncond)}"
-        )
-    both = {key: torch.cat([cond[key], uncond[key]]) for key in cond}
-
-    def guided(x: Tensor, t: Tensor) -> Tensor:
-        out_cond, out_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        return out_uncond + scale * (out_cond - out_uncond)
-
-    return guided
+def get_sampler(name: str) -> SamplerSpec:
+    """The registry entry ``name`` (ValueError listing the known names)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {name!r}")
+    return SAMPLERS[name]

@@ -1,16 +1,56 @@
-"""Noise schedules: the base DDPM schedule and its respaced (improved-DDPM) form.
+"""Noise schedules and the forward process.
 
-All coefficients are computed once, in float64, when a schedule is built; samplers only index
-them. ``SpacedSchedule.to`` moves every coefficient to a device/dtype in one go.
+The base DDPM schedule, its respaced (improved-DDPM) and DDIM-"uniform" forms, and the forward
+process (``q_sample``, ``training_target``) that training and the ``cond`` start point share.
+All coefficients are computed once, in float64, when a schedule is built; samplers only read
+them (as Python floats, see :attr:`SpacedSchedule.levels`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
+
+# What the network predicts: the noise ("eps") or the velocity sqrt(abar) eps - sqrt(1-abar) x0.
+Parameterization = Literal["eps", "v"]
+PARAMETERIZATIONS = ("eps", "v")
+
+
+def check_parameterization(value: str) -> None:
+    """Raise a ValueError unless ``value`` is "eps" or "v"."""
+    if value not in PARAMETERIZATIONS:
+        raise ValueError(f"parameterization: expected 'eps' or 'v', got {value!r}")
+
+
+@dataclass(frozen=True)
+class NoiseLevel:
+    """What a denoiser needs at one noise level, as Python floats (no device reads per step).
+
+    The sampler state ``x`` is scaled by ``c_in`` before the model sees it (1 for DDPM-family
+    grids; ``1 / sqrt(sigma_edm^2 + 1)`` for EDM); the model input is then
+    ``alpha * x0 + sigma * eps`` with ``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``.
+    ``t`` is the model timestep. ``x0_coef`` is the posterior-mean coefficient of x0 from this
+    level to the next one of the grid (the ``c1`` of restoration guidance).
+    """
+
+    t: float
+    alpha: float
+    sigma: float
+    c_in: float = 1.0
+    x0_coef: float = 1.0
+
+
+def posterior_x0_coef(abar: float, abar_next: float) -> float:
+    """The coefficient of x0 in the mean of q(x_next | x_t, x0): ``beta sqrt(abar_next) /
+    (1 - abar)`` with ``beta = 1 - abar / abar_next`` (1 when the next level is clean)."""
+    if abar >= 1.0:
+        return 1.0
+    beta = 1.0 - abar / abar_next
+    return beta * abar_next**0.5 / (1.0 - abar)
 
 
 def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
@@ -79,6 +119,48 @@ class NoiseSchedule:
     def num_timesteps(self) -> int:
         return self.betas.numel()
 
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """The forward process (paper Eq. 2): ``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``,
+        ``t`` a LongTensor (B,) of timesteps."""
+        sqrt_ac, sqrt_one_minus = self._forward_coefficients(t, x0)
+        return sqrt_ac * x0 + sqrt_one_minus * noise
+
+    def training_target(
+        self, x0: Tensor, noise: Tensor, t: Tensor, parameterization: Parameterization
+    ) -> Tensor:
+        """What a model of ``parameterization`` must predict for ``q_sample(x0, t, noise)``:
+        the noise, or the velocity ``sqrt(abar_t) noise - sqrt(1 - abar_t) x0``."""
+        check_parameterization(parameterization)
+        if parameterization == "eps":
+            return noise
+        sqrt_ac, sqrt_one_minus = self._forward_coefficients(t, x0)
+        return sqrt_ac * noise - sqrt_one_minus * x0
+
+    def _forward_coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """sqrt(abar_t) and sqrt(1 - abar_t) shaped (B, 1, ...) on ``like``'s device/dtype."""
+        alphas_cumprod = self._device_alphas_cumprod(like.device)[t]
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        return (
+            alphas_cumprod.sqrt().to(like.dtype).view(shape),
+            (1.0 - alphas_cumprod).sqrt().to(like.dtype).view(shape),
+        )
+
+    def _device_alphas_cumprod(self, device: torch.device) -> Tensor:
+        """alphas_cumprod on ``device`` (float64), copied there once."""
+        cache = self.__dict__.setdefault("_on_device", {})
+        if device not in cache:
+            cache[device] = self.alphas_cumprod.to(device)
+        return cache[device]
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
+    """LDM's "uniform" DDIM discretisation: ``k * (T // N) + 1`` for k = 0..N-1
+    (T = 1000, N = 5: 1, 201, 401, 601, 801). Not the respaced-DDPM set."""
+    if not 2 <= num_steps < num_timesteps:
+        raise ValueError(f"num_steps: expected 2..{num_timesteps - 1}, got {num_steps}")
+    stride = num_timesteps // num_steps
+    return [k * stride + 1 for k in range(num_steps)]
+
 
 def spaced_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
     """Evenly spaced original timesteps, ``round(k * (T - 1) / (N - 1))`` for k = 0..N-1.
@@ -117,6 +199,7 @@ class SpacedSchedule:
     posterior_mean_coef2: Tensor
     posterior_variance: Tensor
     posterior_log_variance_clipped: Tensor
+    cfg_on_denoised: ClassVar[bool] = False
 
     @classmethod
     def from_base(cls, base: NoiseSchedule, num_steps: int) -> SpacedSchedule:
@@ -124,8 +207,22 @@ class SpacedSchedule:
         return cls.from_timesteps(base, spaced_timesteps(base.num_timesteps, num_steps))
 
     @classmethod
-    def from_timesteps(cls, base: NoiseSchedule, timesteps: list[int]) -> SpacedSchedule:
-        """Respace ``base`` to the given strictly increasing original timesteps."""
+    def ddim(cls, base: NoiseSchedule, num_steps: int) -> SpacedSchedule:
+        """The official DDIM grid: :func:`ddim_timesteps`, and ``abar_prev`` of the first step
+        is ``abar[0]`` of ``base`` (not 1)."""
+        return cls.from_timesteps(
+            base,
+            ddim_timesteps(base.num_timesteps, num_steps),
+            final_alpha_cumprod=float(base.alphas_cumprod[0]),
+        )
+
+    @classmethod
+    def from_timesteps(
+        cls, base: NoiseSchedule, timesteps: list[int], final_alpha_cumprod: float = 1.0
+    ) -> SpacedSchedule:
+        """Respace ``base`` to the given strictly increasing original timesteps;
+        ``final_alpha_cumprod`` is ``abar_prev`` of the first step (the level sampling ends at).
+        """
         kept = torch.as_tensor(timesteps, dtype=torch.int64)
         if kept.ndim != 1 or kept.numel() < 2:
             raise ValueError(f"timesteps: expected >= 2 values, got {timesteps}")
@@ -134,7 +231,8 @@ class SpacedSchedule:
                 f"timesteps: expected strictly increasing values in 0..{base.num_timesteps - 1}"
             )
         alphas_cumprod = base.alphas_cumprod[kept]
-        alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        final = alphas_cumprod.new_full((1,), final_alpha_cumprod)
+        alphas_cumprod_prev = torch.cat([final, alphas_cumprod[:-1]])
         betas = 1.0 - alphas_cumprod / alphas_cumprod_prev
         one_minus = 1.0 - alphas_cumprod
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / one_minus
@@ -158,28 +256,21 @@ class SpacedSchedule:
     def num_steps(self) -> int:
         return self.timesteps.numel()
 
-    @property
-    def device(self) -> torch.device:
-        return self.posterior_mean_coef1.device
+    @cached_property
+    def levels(self) -> tuple[NoiseLevel, ...]:
+        """Per step index, the :class:`NoiseLevel` (model timestep, sqrt(abar), sqrt(1-abar),
+        ``posterior_mean_coef1``) as Python floats, read once."""
+        columns = zip(
+            self.timesteps.tolist(),
+            self.sqrt_alphas_cumprod.tolist(),
+            self.sqrt_one_minus_alphas_cumprod.tolist(),
+            self.posterior_mean_coef1.tolist(),
+            strict=True,
+        )
+        return tuple(
+            NoiseLevel(t=float(t), alpha=a, sigma=s, x0_coef=c1) for t, a, s, c1 in columns
+        )
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.posterior_mean_coef1.dtype
-
-    def to(
-        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> SpacedSchedule:
-        """A copy with every coefficient on ``device``/``dtype`` (timesteps stay int64).
-
-        Returns ``self`` when nothing would change, so calling it once per sampling run is free.
-        """
-        device = self.device if device is None else torch.device(device)
-        dtype = self.dtype if dtype is None else dtype
-        if device == self.device and dtype == self.dtype:
-            return self
-        moved = {
-            f.name: getattr(self, f.name).to(device=device, dtype=dtype)
-            for f in dataclasses.fields(self)
-            if f.name != "timesteps"
-        }
-        return SpacedSchedule(timesteps=self.timesteps.to(device), **moved)
+    def level(self, index: int) -> NoiseLevel:
+        """The noise level of step ``index``."""
+        return self.levels[index]

@@ -8,6 +8,7 @@ from diffbir.pipeline.restorer import (
     RestoreOptions,
     Restorer,
     RestoreResult,
+    SamplerOptions,
     Stage1,
     TileOptions,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "RestoreOptions",
     "RestoreResult",
     "Restorer",
+    "SamplerOptions",
     "Stage1",
     "TASKS",
     "TileOptions",

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from diffbir.checkpoint import CheckpointError
+from diffbir.diffusion.samplers import SAMPLERS
 from diffbir.pipeline.color import COLOR_FIXES
 from diffbir.pipeline.device import add_device_arguments, resolve_device, retain_cpu_heap
 from diffbir.pipeline.image_io import (
@@ -42,7 +43,13 @@ from diffbir.pipeline.presets import (
     resolve_config,
 )
 from diffbir.pipeline.prompts import PROMPTS_FILE, prompts_csv, read_prompts
-from diffbir.pipeline.restorer import VAE_SHARED_NORM, Restorer, TileOptions
+from diffbir.pipeline.restorer import (
+    SAMPLER_KNOB_FLAGS,
+    START_POINTS,
+    VAE_SHARED_NORM,
+    Restorer,
+    TileOptions,
+)
 from diffbir.pipeline.samples import SAMPLE_NAMES, load_sample
 from diffbir.versions import DEFAULT_VERSION, TASKS, VERSION_NAMES
 from diffbir.weights import WEIGHTS_ENV, MissingWeightsError
@@ -138,6 +145,11 @@ FLAG_KEYS = {
     "diffusion_tile": "restore.tiles.diffusion",
     "diffusion_tile_stride": "restore.tiles.diffusion_stride",
     "vae_shared_norm": "restore.tiles.vae_shared_norm",
+    "sampler": "restore.sampler.name",
+    **{knob: f"restore.sampler.{knob}" for knob in SAMPLER_KNOB_FLAGS},
+    "rescale_cfg": "restore.sampler.rescale_cfg",
+    "start_point": "restore.sampler.start_point",
+    "noise_aug": "restore.sampler.noise_aug",
 }
 # --guidance without --g-scale: the official --g_scale example value
 GUIDANCE_SCALE = 0.5
@@ -216,6 +228,32 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="stage 2 runs with the short side enlarged to at least this, then resizes back "
         + _default("restore.min_side"),
+    )
+
+    s = p.add_argument_group("sampler (knobs left out take the sampler's default)")
+    s.add_argument("--sampler", choices=list(SAMPLERS), help=VERSION_DEFAULT)
+    s.add_argument("--s-churn", type=float, help="churn (edm_euler, edm_heun, edm_dpm_2; def. 0)")
+    s.add_argument("--s-tmin", type=float, help="churn from this sigma (default 0)")
+    s.add_argument("--s-tmax", type=float, help="churn up to this sigma (default 300)")
+    s.add_argument("--s-noise", type=float, help="noise scale of churn/ancestral steps (def. 1)")
+    s.add_argument("--eta", type=float, help="ancestral/SDE noise amount (edm_*_a, *_sde; def. 1)")
+    s.add_argument("--order", type=int, help="edm_lms order (default 1)")
+    s.add_argument(
+        "--rescale-cfg",
+        action="store_true",
+        default=None,
+        help="CFG scale rising from 1 at t = 999 to 1 + scale at t = 0",
+    )
+    s.add_argument(
+        "--start-point",
+        choices=START_POINTS,
+        help="x_T: pure noise, or the condition latent diffused to the last timestep "
+        + _default("restore.sampler.start_point"),
+    )
+    s.add_argument(
+        "--noise-aug",
+        type=int,
+        help="diffuse the condition latent to this timestep " + _default("restore.sampler.noise_aug"),
     )
 
     g = p.add_argument_group("restoration guidance (paper §3.4)")

@@ -1,15 +1,17 @@
 """The two-stage restoration pipeline on image tensors.
 
 Stage 1 (a cleaner such as BSRNet, SCUNet or SwinIR) removes the degradations; its output,
-resized to ``upscale`` x the input size, is the condition of stage 2: spaced-DDPM sampling of
-SD 2.1 + IRControlNet with classifier-free guidance, optional restoration guidance, and
-optional colour correction. Size rules of the paper: a condition whose short side is below
-``min_side`` (512) is enlarged for stage 2 and the result resized back; stage-2 inputs are
-zero-padded to a multiple of 64 (8 when the diffusion is tiled) and cropped after decoding.
+resized to ``upscale`` x the input size, is the condition of stage 2: sampling of SD 2.1 +
+IRControlNet with any sampler of :data:`~diffbir.diffusion.samplers.SAMPLERS`, classifier-free
+guidance, optional restoration guidance, and optional colour correction. Size rules of the
+paper: a condition whose short side is below ``min_side`` (512) is enlarged for stage 2 and the
+result resized back; stage-2 inputs are zero-padded to a multiple of 64 (8 when the diffusion
+is tiled) and cropped after decoding.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -18,15 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from diffbir.diffusion import (
-    NoiseSchedule,
-    RestorationGuidance,
-    SpacedSchedule,
-    cfg_denoiser,
-    gaussian_noise,
-    spaced_ddpm_step,
-)
-from diffbir.diffusion.samplers import ConditionalModel, Guidance, Parameterization
+from diffbir.diffusion.denoiser import ConditionalModel, GuidedModel, ModelDenoiser
+from diffbir.diffusion.grids import Grid
+from diffbir.diffusion.guidance import Guidance, RestorationGuidance, with_guidance
+from diffbir.diffusion.noise import NoiseSource, PerImageNoise
+from diffbir.diffusion.samplers import SAMPLERS
+from diffbir.diffusion.schedule import NoiseSchedule, Parameterization, check_parameterization
 from diffbir.pipeline.color import COLOR_FIXES, color_fix
 from diffbir.pipeline.tiling import TiledGuidance, TiledModel, run_tiled
 from diffbir.versions import V2_NEG_PROMPT
@@ -108,6 +107,64 @@ class TileOptions:
                 raise ValueError(f"tile stride {stride} is larger than its tile {tile}: gaps")
 
 
+SAMPLER_KNOB_FLAGS = {
+    "s_churn": "--s-churn",
+    "s_tmin": "--s-tmin",
+    "s_tmax": "--s-tmax",
+    "s_noise": "--s-noise",
+    "eta": "--eta",
+    "order": "--order",
+}
+START_POINTS = ("noise", "cond")
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """The sampler and its options (the official ``--sampler`` and friends).
+
+    Knobs left ``None`` take the sampler's default (the official CLI's: s_churn 0, s_tmin 0,
+    s_tmax 300, s_noise 1, eta 1, order 1); a knob the sampler lacks is an error. ``start_point``
+    ``cond`` starts from the condition latent diffused to the last timestep; ``noise_aug`` T > 0
+    diffuses the condition latent to timestep T (both branches of CFG).
+    """
+
+    name: str = "spaced"
+    s_churn: float | None = None
+    s_tmin: float | None = None
+    s_tmax: float | None = None
+    s_noise: float | None = None
+    eta: float | None = None
+    order: int | None = None
+    rescale_cfg: bool = False
+    start_point: str = "noise"
+    noise_aug: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name not in SAMPLERS:
+            raise ValueError(f"--sampler: expected one of {', '.join(SAMPLERS)}, got {self.name!r}")
+        spec = SAMPLERS[self.name]
+        for knob, value in self.knobs.items():
+            flag = SAMPLER_KNOB_FLAGS[knob]
+            if knob not in spec.knobs:
+                has = ", ".join(SAMPLER_KNOB_FLAGS[k] for k in spec.knobs) or "none"
+                raise ValueError(f"{flag}: sampler {self.name!r} has no such knob (its: {has})")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{flag}: expected a finite value >= 0, got {value}")
+        if self.order is not None and (int(self.order) != self.order or self.order < 1):
+            raise ValueError(f"--order: expected an integer >= 1, got {self.order}")
+        if self.start_point not in START_POINTS:
+            raise ValueError(
+                f"--start-point: expected one of {START_POINTS}, got {self.start_point!r}"
+            )
+        if not 0 <= self.noise_aug < 1000:
+            raise ValueError(f"--noise-aug: expected a timestep in 0..999, got {self.noise_aug}")
+
+    @property
+    def knobs(self) -> dict[str, float]:
+        """The knobs that were given (not None), as keyword arguments of the sampler."""
+        return {k: getattr(self, k) for k in SAMPLER_KNOB_FLAGS if getattr(self, k) is not None}
+
+
 @dataclass(frozen=True)
 class RestoreOptions:
     """Everything that decides a restoration besides the models and the seed."""
@@ -122,6 +179,7 @@ class RestoreOptions:
     color_fix: str = "none"
     min_side: int = 512
     tiles: TileOptions = field(default_factory=TileOptions)
+    sampler: SamplerOptions = field(default_factory=SamplerOptions)
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -197,8 +255,9 @@ class Restorer:
         schedule: NoiseSchedule | None = None,
         parameterization: Parameterization = "eps",
     ) -> None:
-        """``schedule`` (default: the SD linear one) and ``parameterization`` (eps or v) are
-        those the model was trained with (v2.1: zero terminal SNR, v)."""
+        """``schedule`` (default: the SD linear one) and ``parameterization`` describe the
+        model: what it was trained on and whether it predicts eps or v (v2.1: v, zero SNR)."""
+        check_parameterization(parameterization)
         self.device = torch.device(device)
         self.dtype = dtype
         self.cldm = cldm.eval().requires_grad_(False).to(device=self.device, dtype=dtype)
@@ -207,7 +266,7 @@ class Restorer:
         self.stage1_spec = stage1
         self.base_schedule = schedule or NoiseSchedule.linear()
         self.parameterization = parameterization
-        self._schedules: dict[int, SpacedSchedule] = {}
+        self._grids: dict[tuple[str, int], Grid] = {}
 
     # ----- stage 1 -----
     def _clean(self, x: Tensor) -> Tensor:
@@ -249,11 +308,12 @@ class Restorer:
         return run_tiled(self.cldm.vae_decode, z, tile, stride, shared_norms=shared)
 
     # ----- stage 2 -----
-    def schedule(self, steps: int) -> SpacedSchedule:
-        """The respaced schedule for ``steps`` (cached)."""
-        if steps not in self._schedules:
-            self._schedules[steps] = SpacedSchedule.from_base(self.base_schedule, steps)
-        return self._schedules[steps]
+    def grid(self, sampler: str, steps: int) -> Grid:
+        """The level grid of ``sampler`` for ``steps`` (built once per sampler and step count)."""
+        key = (sampler, steps)
+        if key not in self._grids:
+            self._grids[key] = SAMPLERS[sampler].make_grid(self.base_schedule, steps)
+        return self._grids[key]
 
     def _guidance(
         self, target: Tensor, options: RestoreOptions, latent_hw: tuple[int, int]
@@ -305,6 +365,11 @@ class Restorer:
         index = torch.tensor([distinct.index(p) for p in pos_prompts], device=texts.device)
         return texts[index], texts[distinct.index(neg_prompt)][None]
 
+    def _diffused(self, latent: Tensor, t: int, noise: NoiseSource) -> Tensor:
+        """``latent`` diffused to timestep ``t`` with a draw of ``noise``."""
+        steps = torch.full((latent.shape[0],), t, dtype=torch.long, device=latent.device)
+        return self.base_schedule.q_sample(latent, steps, noise(latent))
+
     @torch.no_grad()
     def stage2(
         self,
@@ -312,10 +377,15 @@ class Restorer:
         seeds: Sequence[int],
         options: RestoreOptions,
         pos_prompts: Sequence[str] | None = None,
+        noise: NoiseSource | None = None,
     ) -> Tensor:
         """Sample one restoration per condition image (N, 3, H, W) in [0, 1], seed per item.
 
         ``pos_prompts``: one positive prompt per item (default: ``options.pos_prompt``).
+        ``noise`` (default: :class:`PerImageNoise` of ``seeds``) gives x_T, then the noise
+        augmentation, then the sampler's draws, in the official order. The denoiser is built as
+        a fixed chain: model (tiled when asked) -> classifier-free guidance (one batched
+        forward) -> eps/v to x0 -> restoration guidance on x0; then one registry call.
         """
         count, _, height, width = cond01.shape
         if len(seeds) != count:
@@ -324,6 +394,8 @@ class Restorer:
             pos_prompts = [options.pos_prompt] * count
         if len(pos_prompts) != count:
             raise ValueError(f"{len(pos_prompts)} prompts for {count} condition images")
+        noise = noise or PerImageNoise(seeds)
+        sampler = options.sampler
         cond01 = cond01.to(device=self.device, dtype=torch.float32)
         work_h, work_w = stage2_size(height, width, options.min_side)
         cond_work = _resize(cond01, (work_h, work_w))
@@ -331,42 +403,32 @@ class Restorer:
         pad_h, pad_w = (-work_h) % multiple, (-work_w) % multiple
         cond_pad = F.pad(cond_work, (0, pad_w, 0, pad_h))
 
-        latent = self._encode(cond_pad * 2 - 1, options.tiles).to(self.dtype)
+        latent = self._encode(cond_pad * 2 - 1, options.tiles)
+        if sampler.start_point == "cond":
+            x_T = self._diffused(latent, self.base_schedule.num_timesteps - 1, noise)
+        else:
+            x_T = noise(latent)
+        if sampler.noise_aug > 0:
+            latent = self._diffused(latent, sampler.noise_aug, noise)
         pos_text, neg_text = self._text_condition(pos_prompts, options.neg_prompt)
-        cond = self.cldm.condition(pos_text, cond_pad, latent)
+        cond = self.cldm.condition(pos_text, cond_pad, latent.to(self.dtype))
         uncond = {**cond, "text": neg_text.expand(count, -1, -1)}
-        denoiser = cfg_denoiser(self._model_fn(options), cond, uncond, options.cfg_scale)
 
-        latent_hw = latent.shape[-2:]
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        x = torch.cat(
-            [
-                gaussian_noise((1, *latent.shape[1:]), generator=g, device=self.device)
-                for g in generators
-            ]
+        grid = self.grid(sampler.name, options.steps)
+        model = GuidedModel(
+            self._model_fn(options), cond, uncond, options.cfg_scale, rescale=sampler.rescale_cfg
         )
-        guides = [self._guidance(cond_pad[i : i + 1], options, latent_hw) for i in range(count)]
-        schedule = self.schedule(options.steps).to(device=self.device, dtype=torch.float32)
-        for index in tqdm(
-            reversed(range(schedule.num_steps)),
-            total=schedule.num_steps,
-            desc="sampling",
-            leave=False,
-            disable=not options.progress,
-        ):
-            t_model = schedule.timesteps[index].repeat(count)
-            eps = denoiser(x, t_model)
-            x = torch.cat(
-                [
-                    spaced_ddpm_step(
-                        schedule, x[i : i + 1], index, eps[i : i + 1],
-                        parameterization=self.parameterization,
-                        guidance=guides[i], generator=generators[i],
-                    ).x_prev
-                    for i in range(count)
-                ]
-            )  # fmt: skip
-        decoded = self._decode(x, options.tiles)
+        denoise = ModelDenoiser(model, grid, self.parameterization)
+        guidance = self._guidance(cond_pad, options, latent.shape[-2:])
+        if guidance is not None:
+            denoise = with_guidance(denoise, guidance, grid)
+        with tqdm(
+            total=grid.num_steps, desc="sampling", leave=False, disable=not options.progress
+        ) as bar:
+            z = SAMPLERS[sampler.name].fn(
+                denoise, x_T, grid, noise=noise, callback=lambda _: bar.update(), **sampler.knobs
+            )
+        decoded = self._decode(z, options.tiles)
         image = ((decoded + 1) / 2).clamp(0, 1)[..., :work_h, :work_w]
         image = color_fix(image, cond_work, options.color_fix).clamp(0, 1)
         return _resize(image, (height, width))

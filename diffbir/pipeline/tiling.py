@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from diffbir.diffusion.samplers import ConditionalModel, Guidance
+from diffbir.diffusion.denoiser import ConditionalModel
+from diffbir.diffusion.guidance import Guidance
 from diffbir.models.norm import SharedGroupNormStats
 
 # Standard deviation of the blending weight, as a fraction of the tile side.
@@ -226,7 +227,7 @@ class TiledGuidance:
         self.layout = TileLayout(*latent_size, tile, stride)
         self.guides = [make(*box) for box in self.layout.boxes]
 
-    def __call__(self, pred_x0: Tensor, t_model: int, coef1: float) -> Tensor:
+    def __call__(self, pred_x0: Tensor, t_model: float, coef1: float) -> Tensor:
         if len(self.guides) == 1:
             return self.guides[0](pred_x0, t_model, coef1)
 

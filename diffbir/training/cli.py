@@ -46,7 +46,7 @@ KNOWN_KEYS: dict[str, dict[str, set[str]]] = {
         "data.val": _COMMON_KEYS["data.val"] | {"sample_batches", "sample_steps"},
         "model": {
             "config", "sd_weights", "controlnet_init", "stage1", "noise_aug_timestep",
-            "gradient_checkpointing",
+            "parameterization", "zero_terminal_snr", "gradient_checkpointing",
         },
         "model.stage1": {"config", "weights"},
     },

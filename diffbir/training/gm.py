@@ -2,7 +2,9 @@
 
 Loss of paper Eq. 4: ``||eps - eps_theta(z_t, c, t, c_RM)||^2`` with ``z_0`` a sample of the VAE
 posterior of the HQ image, ``c_RM`` the posterior mode of the frozen restoration module's output
-for the LQ image, ``t`` uniform in ``[0, 1000)``. Only IRControlNet is trained and saved.
+for the LQ image, ``t`` uniform in ``[0, 1000)`` (with ``parameterization: v`` the target is the
+velocity instead, see :meth:`NoiseSchedule.training_target`). Only IRControlNet is trained and
+saved.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from diffbir.checkpoint import (
     sub_state_dict,
 )
 from diffbir.config import build_model, load_config
-from diffbir.diffusion.samplers import sample_spaced_ddpm
-from diffbir.diffusion.schedule import NoiseSchedule, SpacedSchedule
+from diffbir.diffusion.denoiser import GuidedModel, ModelDenoiser
+from diffbir.diffusion.noise import OfficialNoise
+from diffbir.diffusion.samplers import SAMPLERS
+from diffbir.diffusion.schedule import NoiseSchedule, check_parameterization
 from diffbir.training.common import TrainingTask, freeze, pad_to_multiple, psnr
 from diffbir.training.data import derive_seed
 
@@ -48,7 +52,8 @@ class GenerationModuleTask(TrainingTask):
     checkpoint), ``controlnet_init`` (IRControlNet weights, or null to copy the UNet),
     ``stage1`` (null, or ``{config, weights}`` of the frozen RM), ``noise_aug_timestep``
     (0: off; else the condition latent is diffused to a random step below it),
-    ``gradient_checkpointing``.
+    ``parameterization`` (eps or v) and ``zero_terminal_snr`` (the schedule the SD base was
+    trained with), ``gradient_checkpointing``.
     """
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
@@ -70,12 +75,10 @@ class GenerationModuleTask(TrainingTask):
         stage1 = model_cfg.get("stage1")
         self.stage1 = load_stage1(stage1["config"], stage1["weights"]) if stage1 else None
         self.noise_aug_timestep = int(model_cfg.get("noise_aug_timestep") or 0)
-        self.schedule = NoiseSchedule.linear()
-        alphas_cumprod = self.schedule.alphas_cumprod
-        self.num_timesteps = int(alphas_cumprod.shape[0])
-        self.register_buffer("sqrt_acp", alphas_cumprod.sqrt().float(), persistent=False)
-        self.register_buffer(
-            "sqrt_one_minus_acp", (1 - alphas_cumprod).sqrt().float(), persistent=False
+        self.parameterization = model_cfg.get("parameterization") or "eps"
+        check_parameterization(self.parameterization)
+        self.schedule = NoiseSchedule.linear(
+            zero_terminal_snr=bool(model_cfg.get("zero_terminal_snr"))
         )
         # only IRControlNet goes into Lightning checkpoints; the rest comes from its own files
         self.strict_loading = False
@@ -124,28 +127,25 @@ class GenerationModuleTask(TrainingTask):
             image = image.clamp(0, 1)
         return image, self.cldm.prepare_condition(image, list(prompts))
 
-    def q_sample(self, z0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """Paper Eq. 2: ``sqrt(abar_t) z0 + sqrt(1 - abar_t) noise``."""
-        shape = (-1,) + (1,) * (z0.ndim - 1)
-        return self.sqrt_acp[t].view(shape) * z0 + self.sqrt_one_minus_acp[t].view(shape) * noise
-
     def diffusion_loss(
         self, hq: Tensor, cond: dict[str, Tensor], generator: torch.Generator
     ) -> Tensor:
-        """Eq. 4 for one batch, all randomness drawn from ``generator``."""
+        """Eq. 4 for one batch (eps or v target), all randomness drawn from ``generator``."""
         with torch.no_grad():
             z0 = self.cldm.vae_encode(hq * 2 - 1, sample=True, generator=generator)
         batch = z0.shape[0]
-        t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=z0.device)
+        steps = self.schedule.num_timesteps
+        t = torch.randint(0, steps, (batch,), generator=generator, device=z0.device)
         noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
         if self.noise_aug_timestep > 0:
             t_aug = torch.randint(
                 0, self.noise_aug_timestep, (batch,), generator=generator, device=z0.device
             )
             aug_noise = torch.randn(z0.shape, generator=generator, device=z0.device)
-            cond = {**cond, "latent": self.q_sample(cond["latent"], t_aug, aug_noise)}
-        eps = self.cldm(self.q_sample(z0, t, noise), t, cond)
-        return F.mse_loss(eps.float(), noise.float())
+            cond = {**cond, "latent": self.schedule.q_sample(cond["latent"], t_aug, aug_noise)}
+        prediction = self.cldm(self.schedule.q_sample(z0, t, noise), t, cond)
+        target = self.schedule.training_target(z0, noise, t, self.parameterization)
+        return F.mse_loss(prediction.float(), target.float())
 
     def _generator(self, *stream: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, *stream))
@@ -161,14 +161,11 @@ class GenerationModuleTask(TrainingTask):
     @torch.no_grad()
     def restore(self, cond: dict[str, Tensor], steps: int, generator: torch.Generator) -> Tensor:
         """Spaced-DDPM sampling with ``steps`` steps; the decoded image in [0, 1]."""
-        latent = cond["latent"]
-        x_T = torch.randn(latent.shape, generator=generator, device=latent.device)
-        schedule = SpacedSchedule.from_base(self.schedule, steps)
-
-        def denoiser(x_t: Tensor, t_model: Tensor) -> Tensor:
-            return self.cldm(x_t, t_model, cond)
-
-        z0 = sample_spaced_ddpm(denoiser, schedule, x_T, generator=generator)
+        spec = SAMPLERS["spaced"]
+        grid = spec.make_grid(self.schedule, steps)
+        denoise = ModelDenoiser(GuidedModel(self.cldm, cond), grid, self.parameterization)
+        noise = OfficialNoise(generator)
+        z0 = spec.fn(denoise, noise(cond["latent"]), grid, noise=noise)
         return (self.cldm.vae_decode(z0) + 1) / 2
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:

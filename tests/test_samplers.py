@@ -1,0 +1,294 @@
+"""Every sampler of the registry: official parity, draw counts, eps/v, batches, guidance, knobs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_close_ref
+
+from diffbir.diffusion import (
+    SAMPLERS,
+    EdmGrid,
+    GuidedModel,
+    ModelDenoiser,
+    NoiseSchedule,
+    OfficialNoise,
+    PerImageNoise,
+    RecordedNoise,
+    RestorationGuidance,
+    SpacedSchedule,
+    rescaled_cfg_scale,
+    with_guidance,
+)
+from diffbir.pipeline.restorer import RestoreOptions, SamplerOptions
+
+# Draws per run of N steps, as SPEC counts them for the official samplers.
+DRAWS = {
+    "spaced": lambda n: n,
+    "ddim": lambda n: n,
+    "dpm++_m2": lambda n: 0,
+    "edm_euler": lambda n: n,
+    "edm_heun": lambda n: n,
+    "edm_dpm_2": lambda n: n,
+    "edm_euler_a": lambda n: n - 1,
+    "edm_dpm_2_a": lambda n: n - 1,
+    "edm_dpm++_2s_a": lambda n: n - 1,
+    "edm_dpm++_2m_sde": lambda n: n - 1,
+    "edm_dpm++_3m_sde": lambda n: n - 1,
+    "edm_dpm++_sde": lambda n: 2 * (n - 1),
+    "edm_lms": lambda n: 0,
+    "edm_dpm++_2m": lambda n: 0,
+}
+
+
+def test_registry_matches_the_spec_list():
+    assert set(SAMPLERS) == set(DRAWS)
+    assert all(spec.name == name for name, spec in SAMPLERS.items())
+
+
+# ---------------------------------------------------------------- official parity
+
+
+@pytest.fixture(scope="module")
+def parity(parity_dir: Path, hparams: dict):
+    """The tiny official-format models, their condition, and the recorded sampler cases."""
+    from diffbir.checkpoint import read_state_dict
+    from diffbir.models.control_ldm import ControlLDM
+
+    data = torch.load(parity_dir / "samplers.pt", map_location="cpu", weights_only=True)
+    cldm = ControlLDM(**hparams["cldm"]).eval()
+    cldm.load_sd_weights(read_state_dict(parity_dir / "sd.ckpt"), "sd.ckpt")
+    cldm.load_controlnet_weights(read_state_dict(parity_dir / "controlnet.pth"), "controlnet")
+    with torch.no_grad():
+        texts = cldm.encode_text([data["pos_prompt"], data["neg_prompt"]])
+        cond = cldm.condition(texts[:1], data["cond_img"])
+    uncond = {**cond, "text": texts[1:]}
+    diffusion = hparams["diffusion"]
+
+    def base(zero_snr: bool) -> NoiseSchedule:
+        return NoiseSchedule.linear(
+            diffusion["timesteps"], diffusion["linear_start"], diffusion["linear_end"], zero_snr
+        )
+
+    return {"data": data, "cldm": cldm, "cond": cond, "uncond": uncond, "base": base}
+
+
+def test_every_sampler_has_parity_cases(parity):
+    assert {case["sampler"] for case in parity["data"]["cases"].values()} == set(SAMPLERS)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_sampler_reproduces_the_official_cases(parity, name: str):
+    """Each recorded case, fed its recorded draws: the stream is used up exactly, its length is
+    SPEC's count, the EDM grid equals the official one, the latent is within SPEC tolerance."""
+    spec = SAMPLERS[name]
+    cases = {k: c for k, c in parity["data"]["cases"].items() if c["sampler"] == name}
+    assert cases
+    for key, case in cases.items():
+        base = parity["base"](case["zero_snr"])
+        grid = spec.make_grid(base, case["steps"])
+        if "sigmas" in case:
+            assert torch.equal(
+                torch.tensor(grid.sigmas, dtype=case["sigmas"].dtype), case["sigmas"]
+            )
+            assert list(grid.timesteps) == case["timesteps"].tolist(), key
+        model = GuidedModel(
+            parity["cldm"],
+            parity["cond"],
+            parity["uncond"],
+            case["cfg_scale"],
+            rescale=case["rescale_cfg"],
+        )
+        noise = RecordedNoise(case["noises"])
+        knobs = {k: v for k, v in case["params"].items() if k in spec.knobs}
+        with torch.no_grad():
+            out = spec.fn(
+                ModelDenoiser(model, grid, case["parameterization"]),
+                parity["data"]["x_T"],
+                grid,
+                noise=noise,
+                **knobs,
+            )
+        assert len(case["noises"]) == DRAWS[name](case["steps"]), key
+        assert noise.remaining == 0, key
+        assert_close_ref(out, case["out"], key)
+
+
+def test_rescaled_cfg_scale_follows_the_spec_formula():
+    for t in (0, 1, 250.5, 500, 999):
+        expected = 1 + 4.0 * (1 - math.cos(math.pi * ((1000 - t) / 1000) ** 5)) / 2
+        assert rescaled_cfg_scale(4.0, t) == pytest.approx(expected, rel=1e-12)
+    assert rescaled_cfg_scale(1.0, 10) == 1.0 and rescaled_cfg_scale(0.5, 10) == 0.5
+    assert rescaled_cfg_scale(6.0, 999) == pytest.approx(1.0, abs=1e-12)  # starts near 1
+
+    seen = []
+
+    def model_fn(x, t, cond):
+        seen.append(float(t[0]))
+        return torch.cat([torch.ones_like(x[:1]), torch.zeros_like(x[:1])])
+
+    x = torch.zeros(1, 1, 2, 2)
+    cond = {"text": torch.zeros(1, 3)}
+    out = GuidedModel(model_fn, cond, cond, 4.0, rescale=True)(x, 600.0)
+    assert seen == [600.0]
+    torch.testing.assert_close(out, torch.full_like(x, rescaled_cfg_scale(4.0, 600.0)))
+
+
+# ---------------------------------------------------------------- toy Gaussian data
+
+DATA_MEAN, DATA_STD = 0.5, 0.3
+
+
+def toy_model(base: NoiseSchedule, parameterization: str):
+    """The exact eps or v prediction for data x0 ~ N(DATA_MEAN, DATA_STD^2) (per element)."""
+
+    def model_fn(x_t, t, cond):
+        a = torch.as_tensor(
+            base.alphas_cumprod.numpy()[t.round().long().numpy()], dtype=x_t.dtype
+        ).view(-1, *[1] * (x_t.ndim - 1))
+        centered = x_t - a.sqrt() * DATA_MEAN
+        marginal = a * DATA_STD**2 + 1 - a
+        x0 = DATA_MEAN + a.sqrt() * DATA_STD**2 / marginal * centered
+        eps = (1 - a).sqrt() / marginal * centered
+        return eps if parameterization == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    return GuidedModel(model_fn, {})
+
+
+def run(name: str, model, base, x_T, noise, parameterization="eps", steps=6, guidance=None):
+    spec = SAMPLERS[name]
+    grid = spec.make_grid(base, steps)
+    denoise = ModelDenoiser(model, grid, parameterization)
+    if guidance is not None:
+        denoise = with_guidance(denoise, guidance, grid)
+    return spec.fn(denoise, x_T, grid, noise=noise)
+
+
+@pytest.mark.parametrize("grid_of", ["spaced", "ddim", "dpm++_m2", "edm_euler"])
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_eps_and_v_models_give_the_same_clean_estimate(grid_of: str, zero_snr: bool):
+    """An eps and a v model predicting the same x0 give that x0 through ModelDenoiser, at every
+    level of every kind of grid (EDM: the Karras c_skip/c_out/c_in); float64 to test the
+    formulas, not float32 rounding."""
+    base = NoiseSchedule.linear(zero_terminal_snr=zero_snr)
+    grid = SAMPLERS[grid_of].make_grid(base, 5)
+    keys = grid.sigmas[:-1] if grid_of == "edm_euler" else range(grid.num_steps)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64) * 3
+    x0 = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64)
+    for key in keys:
+        lv = grid.level(key)
+        if lv.alpha == 0:
+            continue
+        x_in = x * lv.c_in
+        eps = (x_in - lv.alpha * x0) / lv.sigma
+        outputs = {"eps": eps, "v": lv.alpha * eps - lv.sigma * x0}
+        for parameterization, output in outputs.items():
+            model = GuidedModel(lambda x_, t, cond, out=output: out, {})
+            got = ModelDenoiser(model, grid, parameterization)(x, key)
+            torch.testing.assert_close(got, x0, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["spaced", "ddim"])
+def test_eps_and_v_toy_models_sample_alike(name: str):
+    base = NoiseSchedule.linear()
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    eps = run(name, toy_model(base, "eps"), base, x_T, PerImageNoise([5, 6]), "eps")
+    v = run(name, toy_model(base, "v"), base, x_T, PerImageNoise([5, 6]), "v")
+    torch.testing.assert_close(v, eps, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_a_batch_of_two_equals_two_runs_of_one(name: str):
+    """Per-image noise: an image's result does not depend on its batch (v2.1's v-prediction,
+    zero-SNR setting, where every sampler also lands near the data mean)."""
+    base = NoiseSchedule.linear(zero_terminal_snr=True)
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    pair = run(name, toy_model(base, "v"), base, x_T, PerImageNoise([5, 6]), "v")
+    assert pair.isfinite().all() and (pair.mean() - DATA_MEAN).abs() < 0.3
+    singles = [
+        run(name, toy_model(base, "v"), base, x_T[i : i + 1], PerImageNoise([seed]), "v")
+        for i, seed in enumerate((5, 6))
+    ]
+    assert torch.equal(torch.cat(singles), pair)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_guidance_at_scale_zero_changes_nothing(name: str):
+    base = NoiseSchedule.linear()
+    x_T = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    target = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    off = RestorationGuidance(target, 0.0, decode=lambda z: z)
+    plain = run(name, toy_model(base, "eps"), base, x_T, OfficialNoise(3))
+    guided = run(name, toy_model(base, "eps"), base, x_T, OfficialNoise(3), guidance=off)
+    assert torch.equal(plain, guided)
+
+
+def test_guidance_step_size_on_the_grids():
+    """c1 is the spaced schedule's posterior_mean_coef1 exactly; on an EDM grid it follows the
+    documented formula from the level and the next grid level (1 at the last step)."""
+    base = NoiseSchedule.linear()
+    spaced = SpacedSchedule.from_base(base, 10)
+    assert [lv.x0_coef for lv in spaced.levels] == spaced.posterior_mean_coef1.tolist()
+    edm = EdmGrid.from_base(base, 5)
+    sigma, below = edm.sigmas[2], edm.sigmas[3]
+    abar, abar_next = 1 / (1 + sigma**2), 1 / (1 + below**2)
+    expected = (1 - abar / abar_next) * abar_next**0.5 / (1 - abar)
+    assert edm.level(sigma).x0_coef == pytest.approx(expected, rel=1e-12)
+    assert edm.level(edm.sigmas[-2]).x0_coef == 1.0
+    assert edm.level(edm.sigmas[1] * 1.01).t == edm.timesteps[1]
+
+
+def test_guidance_with_an_edm_sampler_lowers_the_restoration_loss(parity):
+    """Same model, seed and sampler (v2.1 defaults); guided toward the condition image, the
+    decoded result has a lower region-weighted loss against it than unguided."""
+    data, cldm = parity["data"], parity["cldm"]
+    base = parity["base"](True)
+    model = GuidedModel(cldm, parity["cond"], parity["uncond"], 4.0)
+    guidance = RestorationGuidance(data["cond_img"], 0.5, decode=cldm.vae_decode)
+    results = []
+    for g in (None, guidance):
+        with torch.no_grad():
+            z = run("edm_dpm++_3m_sde", model, base, data["x_T"], OfficialNoise(0), "v", 5, g)
+            results.append(guidance.loss(cldm.vae_decode(z)).item())
+    unguided, guided = results
+    assert guided < 0.9 * unguided, (guided, unguided)
+
+
+# ---------------------------------------------------------------- knobs and noise sources
+
+
+def test_a_knob_the_sampler_lacks_is_an_error_naming_both():
+    with pytest.raises(ValueError, match="edm_euler.*order|order.*edm_euler"):
+        SAMPLERS["edm_euler"].check_knobs({"order": 2})
+    with pytest.raises(ValueError, match=r"--order.*edm_euler"):
+        SamplerOptions(name="edm_euler", order=2)
+    with pytest.raises(ValueError, match=r"--eta.*spaced"):
+        RestoreOptions(sampler=SamplerOptions(eta=0.5))
+    with pytest.raises(ValueError, match="--sampler"):
+        SamplerOptions(name="euler")
+    with pytest.raises(ValueError, match="--s-noise"):
+        SamplerOptions(name="edm_euler_a", s_noise=float("nan"))
+    with pytest.raises(ValueError, match="--start-point"):
+        SamplerOptions(start_point="image")
+    with pytest.raises(ValueError, match="--noise-aug"):
+        SamplerOptions(noise_aug=1000)
+    assert SamplerOptions(name="edm_lms", order=3).knobs == {"order": 3}
+
+
+def test_noise_sources():
+    like = torch.zeros(2, 3, 4, 4)
+    pair = PerImageNoise([7, 8])(like)
+    alone = PerImageNoise([8])(like[:1])
+    assert torch.equal(pair[1:], alone)  # batch composition changes nothing
+    torch.manual_seed(9)
+    official = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    source = OfficialNoise(9)
+    assert all(torch.equal(source(like), expected) for expected in official)
+    recorded = RecordedNoise([torch.ones(2, 3, 4, 4)])
+    assert torch.equal(recorded(like), torch.ones_like(like)) and recorded.remaining == 0
+    with pytest.raises(RuntimeError, match="used up"):
+        recorded(like)
