@@ -23,7 +23,14 @@ from diffbir.diffusion import (
     rescaled_cfg_scale,
     with_guidance,
 )
-from diffbir.pipeline.restorer import RestoreOptions, SamplerOptions
+from diffbir.pipeline.restorer import (
+    GuidanceOptions,
+    RestoreOptions,
+    Restorer,
+    SamplerOptions,
+    Stage1,
+    TileOptions,
+)
 
 # Draws per run of N steps, as SPEC counts them for the official samplers.
 DRAWS = {
@@ -292,3 +299,81 @@ def test_noise_sources():
     assert torch.equal(recorded(like), torch.ones_like(like)) and recorded.remaining == 0
     with pytest.raises(RuntimeError, match="used up"):
         recorded(like)
+
+
+# ---------------------------------------------------------------- the restorer
+
+
+@pytest.fixture(scope="module")
+def restorer_tiny(parity):
+    """A Restorer of the parity models, without a stage-1 model."""
+    return Restorer(parity["cldm"], Stage1(model=None))
+
+
+def _options(name: str = "spaced", steps: int = 3, **kwargs) -> RestoreOptions:
+    tiles = kwargs.pop("tiles", TileOptions())
+    guidance = kwargs.pop("guidance", GuidanceOptions())
+    return RestoreOptions(
+        steps=steps,
+        cfg_scale=3.0,
+        min_side=0,
+        tiles=tiles,
+        guidance=guidance,
+        sampler=SamplerOptions(name=name, **kwargs),
+    )
+
+
+def _draws(count: int, shape=(1, 4, 8, 8)) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(11)
+    return [torch.randn(shape, generator=gen) for _ in range(count)]
+
+
+def test_start_point_and_noise_augmentation_draw_in_the_official_order(restorer_tiny):
+    """x_T, then the augmentation noise, then the sampler's draws: the stream is used up; the
+    ``cond`` start is q_sample(c_img, 999, noise), which at zero terminal SNR is the noise."""
+    cond01 = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    draws = _draws(5)
+    restorer = restorer_tiny
+    noise = RecordedNoise(draws)
+    augmented = restorer.stage2(cond01, [0], _options(noise_aug=200), noise=noise)
+    assert noise.remaining == 0
+    plain = restorer.stage2(cond01, [0], _options(), noise=RecordedNoise(draws[:1] + draws[2:]))
+    from_cond = restorer.stage2(
+        cond01, [0], _options(start_point="cond"), noise=RecordedNoise(draws[:4])
+    )
+    assert not torch.equal(augmented, plain) and not torch.equal(from_cond, plain)
+
+    zero_snr = Restorer(
+        restorer.cldm,
+        restorer.stage1_spec,
+        schedule=NoiseSchedule.linear(zero_terminal_snr=True),
+        parameterization="v",
+    )
+    outs = [
+        zero_snr.stage2(cond01, [0], _options(start_point=p), noise=RecordedNoise(draws[:4]))
+        for p in ("noise", "cond")
+    ]
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("name", ["spaced", "edm_heun", "edm_dpm++_3m_sde"])
+def test_samplers_restore_tiled_with_guidance(restorer_tiny, name: str):
+    """Tiled diffusion (several tiles) and tiled restoration guidance with samplers of each
+    kind (the tiles wrap the model and the guidance, which every sampler calls alike)."""
+    lq = torch.rand(1, 3, 24, 40, generator=torch.Generator().manual_seed(4))
+    tiles = TileOptions(diffusion=16, diffusion_stride=8)
+    guidance = GuidanceOptions(scale=0.5, space="latent")
+    out = restorer_tiny.restore(lq, [[1]], _options(name, 2, tiles=tiles, guidance=guidance))
+    assert out.samples.shape == (1, 1, 3, 24, 40) and out.samples.isfinite().all()
+
+
+def test_tiled_equals_untiled_when_one_tile_covers_with_an_edm_sampler(restorer_tiny):
+    lq = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    guidance = GuidanceOptions(scale=0.5)
+    options = _options("edm_dpm++_3m_sde", 3, guidance=guidance)
+    plain = restorer_tiny.restore(lq, [[3]], options)
+    tiles = TileOptions(vae_encoder=64, vae_decoder=64, diffusion=64)
+    tiled = restorer_tiny.restore(
+        lq, [[3]], _options("edm_dpm++_3m_sde", 3, guidance=guidance, tiles=tiles)
+    )
+    assert torch.equal(plain.samples, tiled.samples)
