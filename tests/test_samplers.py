@@ -377,3 +377,32 @@ def test_tiled_equals_untiled_when_one_tile_covers_with_an_edm_sampler(restorer_
         lq, [[3]], _options("edm_dpm++_3m_sde", 3, guidance=guidance, tiles=tiles)
     )
     assert torch.equal(plain.samples, tiled.samples)
+
+
+def test_gm_training_with_a_v_target_from_the_config(parity_dir: Path):
+    """``model.parameterization=v`` and ``model.zero_terminal_snr=true`` make the GM loss the
+    MSE to the velocity of the shared forward process (a zero model: the loss is E[v^2])."""
+    from diffbir.training.cli import load_training_config
+    from diffbir.training.gm import GenerationModuleTask
+
+    overrides = [
+        f"model.sd_weights={parity_dir / 'sd.ckpt'}",
+        "model.stage1=null",
+        "model.noise_aug_timestep=0",
+        "model.parameterization=v",
+        "model.zero_terminal_snr=true",
+    ]
+    task = GenerationModuleTask(load_training_config("gm_tiny", overrides))
+    assert task.parameterization == "v" and task.schedule.alphas_cumprod[-1] == 0
+    task.cldm.forward = lambda x_t, t, cond: torch.zeros_like(x_t)
+    hq = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    cond = {"text": torch.zeros(2, 77, 64), "latent": torch.zeros(2, 4, 4, 4)}
+    with torch.no_grad():
+        loss = task.diffusion_loss(hq, cond, torch.Generator().manual_seed(5))
+        gen = torch.Generator().manual_seed(5)
+        z0 = task.cldm.vae_encode(hq * 2 - 1, sample=True, generator=gen)
+        t = torch.randint(0, 1000, (2,), generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        a = task.schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        v = a.sqrt() * noise - (1 - a).sqrt() * z0
+    torch.testing.assert_close(loss, (v**2).mean())
