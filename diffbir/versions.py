@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from diffbir.diffusion.samplers import Parameterization
+from diffbir.diffusion.schedule import Parameterization
 
 TASKS = ("sr", "denoise", "face", "custom")
 # output size / input size when --upscale is not given

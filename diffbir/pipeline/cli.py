@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--noise-aug",
         type=int,
-        help="diffuse the condition latent to this timestep " + _default("restore.sampler.noise_aug"),
+        help="diffuse the condition latent to timestep T " + _default("restore.sampler.noise_aug"),
     )
 
     g = p.add_argument_group("restoration guidance (paper §3.4)")

@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from diffbir.config import CONFIG_ROOT, load_config, resolve_config_path
 from diffbir.pipeline.loading import build_restorer, custom_model, resolve_weight_paths
-from diffbir.pipeline.restorer import RestoreOptions, Restorer, TileOptions
+from diffbir.pipeline.restorer import RestoreOptions, Restorer, SamplerOptions, TileOptions
 from diffbir.versions import (
     CUSTOM,
     DEFAULT_UPSCALE,
@@ -118,6 +118,7 @@ def default_config(version: str = DEFAULT_VERSION, task: str = "sr") -> Inferenc
         cfg_scale=v.cfg_scale,
         pos_prompt=v.pos_prompt,
         neg_prompt=v.neg_prompt,
+        sampler=SamplerOptions(name=v.sampler),
     )
     return InferenceConfig(version=version, task=task, restore=restore)
 
