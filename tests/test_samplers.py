@@ -223,6 +223,24 @@ def test_a_batch_of_two_equals_two_runs_of_one(name: str):
     assert torch.equal(torch.cat(singles), pair)
 
 
+# Model evaluations (each one batched CFG forward) per run of N steps: the second-order
+# single-step samplers evaluate twice per step but the last.
+MODEL_CALLS = {name: (lambda n: n) for name in SAMPLERS} | {
+    name: (lambda n: 2 * n - 1)
+    for name in ("edm_heun", "edm_dpm_2", "edm_dpm_2_a", "edm_dpm++_2s_a", "edm_dpm++_sde")
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_model_calls_per_run(name: str):
+    base = NoiseSchedule.linear(zero_terminal_snr=True)
+    calls = []
+    model = toy_model(base, "v")
+    counted = GuidedModel(lambda x, t, cond: calls.append(t) or model.model_fn(x, t, cond), {})
+    run(name, counted, base, torch.zeros(1, 1, 2, 2), OfficialNoise(0), "v", steps=7)
+    assert len(calls) == MODEL_CALLS[name](7)
+
+
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_guidance_at_scale_zero_changes_nothing(name: str):
     base = NoiseSchedule.linear()
@@ -406,3 +424,31 @@ def test_gm_training_with_a_v_target_from_the_config(parity_dir: Path):
         a = task.schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
         v = a.sqrt() * noise - (1 - a).sqrt() * z0
     torch.testing.assert_close(loss, (v**2).mean())
+
+
+def test_benchmark_times_a_whole_image_with_a_named_sampler(tmp_path: Path):
+    import json
+
+    from diffbir.benchmark import main
+
+    out = tmp_path / "bench.json"
+    argv = ["--config", "tiny", "--size", "64", "--device", "cpu", "--parts", "image"]
+    argv += ["--sampler", "edm_dpm++_3m_sde", "--steps", "2", "--json", str(out)]
+    assert main([*argv, "--matmul-size", "64", "--matmul-seconds", "0.05"]) == 0
+    results = json.loads(out.read_text())
+    assert results["sampler"] == "edm_dpm++_3m_sde" and results["steps"] == 2
+    assert results["image_s"] > 0
+
+
+def test_cli_sampler_flags_reach_the_options_and_are_checked(tmp_path: Path, capsys):
+    from diffbir.pipeline.cli import build_parser, config_from_args, main
+
+    flags = ["--sampler", "edm_lms", "--order", "3", "--rescale-cfg", "--start-point", "cond"]
+    args = build_parser().parse_intermixed_args([*flags, "--noise-aug", "200"])
+    sampler = config_from_args(args)[0].restore.sampler
+    assert sampler == SamplerOptions(
+        name="edm_lms", order=3, rescale_cfg=True, start_point="cond", noise_aug=200
+    )
+    assert main(["--sampler", "edm_euler", "--order", "2", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--order" in err and "edm_euler" in err
