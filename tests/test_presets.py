@@ -145,6 +145,17 @@ def test_other_settings_in_a_used_output_folder_are_refused(
     assert rc == 0 and "0 restored, 2 skipped" in log, log
 
 
+def test_a_folder_without_outputs_takes_new_settings(inputs: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    empty = tmp_path / "no_weights"
+    empty.mkdir()
+    rc, log = _infer(*_base(empty, inputs, output), "--version", "v2", "--steps", "4")
+    assert rc == 1 and "missing" in log and (output / "config.yaml").is_file()
+    rc, log = _infer(*_base(empty, inputs, output), "--version", "v2", "--steps", "5")
+    assert rc == 1 and "missing" in log  # no outputs yet: the new settings are recorded
+    assert "steps: 5" in (output / "config.yaml").read_text()
+
+
 def test_per_image_prompts_share_a_batch(
     official_tiny_dir: Path, tiny_configs: Path, inputs: Path, tmp_path: Path
 ) -> None:

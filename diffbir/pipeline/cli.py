@@ -435,7 +435,12 @@ def job_prompts(cfg: InferenceConfig, jobs: list[Job]) -> dict[str, str]:
 
 
 def record_run(
-    output: Path, cfg: DictConfig, prompts: dict[str, str], todo: list[Job], overwrite: bool
+    output: Path,
+    cfg: DictConfig,
+    prompts: dict[str, str],
+    jobs: list[Job],
+    todo: list[Job],
+    overwrite: bool,
 ) -> None:
     """Write ``config.yaml`` and ``prompts.csv`` beside the outputs before any work.
 
@@ -444,7 +449,8 @@ def record_run(
     Rows of ``prompts.csv`` for skipped inputs keep the prompt they were made with.
     """
     config_path = output / CONFIG_FILE
-    if config_path.is_file() and not overwrite:
+    made = any(path.is_file() for job in jobs for path in job.outputs)
+    if config_path.is_file() and made and not overwrite:
         try:
             previous = OmegaConf.load(config_path)
         except Exception as err:  # a damaged file: yaml and omegaconf raise their own errors
@@ -478,7 +484,7 @@ def run(args: argparse.Namespace) -> int:
             report.skipped.append(job.source)
         else:
             todo.append(job)
-    record_run(Path(args.output), cfg_node, prompts, todo, args.overwrite)
+    record_run(Path(args.output), cfg_node, prompts, jobs, todo, args.overwrite)
     if todo:
         device = resolve_device(cfg.device)
         if device.type == "cpu" and not args.system_malloc:
