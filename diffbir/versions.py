@@ -158,7 +158,7 @@ VERSIONS: Mapping[str, ModelVersion] = MappingProxyType(
         )
     }
 )
-DEFAULT_VERSION = "v2"  # becomes v2.1 when its sampler (edm_dpm++_3m_sde) is available
+DEFAULT_VERSION = "v2.1"  # as the official code; v2 is the paper's
 CUSTOM = "custom"  # our own training: files and schedule from a training config
 VERSION_NAMES = (*VERSIONS, CUSTOM)
 
