@@ -186,6 +186,26 @@ def role_of_file(name: str) -> str | None:
     return None
 
 
+def schedule_conflict(
+    name: str, parameterization: Parameterization, zero_terminal_snr: bool
+) -> str | None:
+    """Why official file ``name`` does not fit a model trained with this schedule, or ``None``
+    (not an official file, or a version that uses it has this schedule)."""
+    owners = [VERSIONS[v] for v in versions_of_file(name)]
+    if not owners or any(
+        (v.parameterization, v.zero_terminal_snr) == (parameterization, zero_terminal_snr)
+        for v in owners
+    ):
+        return None
+    owner = owners[0]
+    return (
+        f"{name} is a DiffBIR {'/'.join(v.name for v in owners)} file "
+        f"({owner.parameterization}-prediction, zero terminal SNR {owner.zero_terminal_snr}), "
+        f"but the training config says {parameterization}-prediction, zero terminal SNR "
+        f"{zero_terminal_snr} (model.parameterization, model.zero_terminal_snr)"
+    )
+
+
 def custom_version(parameterization: Parameterization, zero_terminal_snr: bool) -> ModelVersion:
     """The ``custom`` version: no official files, the given schedule, the v2 sampling defaults
     (the paper's training recipe: captions off, so the v2 prompts)."""

@@ -220,6 +220,17 @@ def test_custom_version_reads_the_training_config(
         custom_model(None, export)
 
 
+def test_gm_training_refuses_an_sd_file_of_another_schedule() -> None:
+    from diffbir.config import load_config
+    from diffbir.training.cli import check_setup
+    from diffbir.training.data import TrainingSetupError
+
+    zsnr = "model.sd_weights=weights/sd2.1-base-zsnr-laionaes5.ckpt"
+    cfg = load_config("gm_tiny", [zsnr], "train")
+    with pytest.raises(TrainingSetupError, match="model.sd_weights: .*v2.1 file.*eps-prediction"):
+        check_setup(cfg, "gm")
+
+
 def test_download_by_version(tmp_path: Path, capsys) -> None:
     mirror = tmp_path / "mirror"
     mirror.mkdir()

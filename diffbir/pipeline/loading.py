@@ -18,11 +18,11 @@ from diffbir.versions import (
     CUSTOM,
     DEFAULT_VERSION,
     TASKS,
-    VERSIONS,
     ModelVersion,
     custom_version,
     get_version,
     role_of_file,
+    schedule_conflict,
     versions_of_file,
 )
 from diffbir.weights import check_weights, weight_path
@@ -100,20 +100,13 @@ def check_version(paths: WeightPaths, version: ModelVersion, task: str) -> None:
                 f"{_ROLE_NAMES[role]} file with {flag}"
             )
         if version.name == CUSTOM:
-            schedule = (version.parameterization, version.zero_terminal_snr)
-            if all(
-                (VERSIONS[v].parameterization, VERSIONS[v].zero_terminal_snr) != schedule
-                for v in owners
-            ):
-                owner = VERSIONS[owners[0]]
+            conflict = schedule_conflict(
+                path.name, version.parameterization, version.zero_terminal_snr
+            )
+            if conflict:
                 raise WrongVersionError(
-                    f"{flag} {path}: {path.name} is a DiffBIR {'/'.join(owners)} file "
-                    f"({owner.parameterization}-prediction, zero terminal SNR "
-                    f"{owner.zero_terminal_snr}), but the training config of --version custom "
-                    f"says {version.parameterization}-prediction, zero terminal SNR "
-                    f"{version.zero_terminal_snr}; fix model.parameterization/"
-                    "model.zero_terminal_snr there, or use --version "
-                    f"{owners[-1]}"
+                    f"{flag} {path}: {conflict} of --version custom; fix the config, or use "
+                    f"--version {owners[-1]}"
                 )
         elif version.name not in owners:
             expected = version.files(task).get(role)

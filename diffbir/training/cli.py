@@ -25,6 +25,7 @@ from diffbir.checkpoint import CheckpointError, WeightsNotFoundError, read_state
 from diffbir.config import load_config
 from diffbir.training.common import TrainingTask
 from diffbir.training.data import TrainingSetupError, build_paired_dataset, check_source
+from diffbir.versions import schedule_conflict
 
 _COMMON_KEYS: dict[str, set[str]] = {
     "": {"seed", "output_dir", "model", "data", "optim", "trainer"},
@@ -81,6 +82,15 @@ def _require_file(path: Any, key: str) -> None:
 def check_setup(cfg: Mapping[str, Any], kind: str) -> None:
     """Every check that can fail before training starts: keys, values, lists, files, datasets."""
     check_keys(cfg, kind)
+    model = cfg["model"]
+    if kind == "gm" and model.get("sd_weights"):  # an official SD file of another schedule
+        conflict = schedule_conflict(
+            Path(model["sd_weights"]).name,
+            model.get("parameterization") or "eps",
+            bool(model.get("zero_terminal_snr")),
+        )
+        if conflict:
+            raise TrainingSetupError(f"model.sd_weights: {conflict}")
     for key in ("max_steps", "checkpoint_every_n_steps", "val_every_n_steps"):
         if int(cfg["trainer"][key]) <= 0:
             raise TrainingSetupError(f"trainer.{key} must be a positive integer")
@@ -90,7 +100,6 @@ def check_setup(cfg: Mapping[str, Any], kind: str) -> None:
     for split in splits:
         key = f"data.{split}.dataset.source"
         check_source(cfg["data"][split]["dataset"].get("source"), key)
-    model = cfg["model"]
     load_config(model["config"])  # the model config must exist
     if kind == "gm":
         _require_file(model["sd_weights"], "model.sd_weights")
