@@ -26,7 +26,7 @@ from diffbir.pipeline.loading import (
     custom_model,
     resolve_weight_paths,
 )
-from diffbir.pipeline.presets import default_config
+from diffbir.pipeline.presets import build_from_config, preset_name, resolve_config
 from diffbir.versions import DEFAULT_VERSION, VERSIONS, get_version, role_of_file, versions_of_file
 
 SPEC_V21_POS = "Cinematic, High Contrast, highly detailed, taken using a Canon EOS R camera"
@@ -71,7 +71,7 @@ def test_table_holds_the_spec_facts() -> None:
 
 
 @pytest.mark.parametrize(("version", "task"), sorted(EXPECTED))
-def test_each_version_builds_its_files_stage1_and_schedule(
+def test_each_version_preset_builds_its_files_stage1_and_schedule(
     official_tiny_dir: Path, tiny_configs: Path, version: str, task: str
 ) -> None:
     sd_file, control_file, stage1_file, stage1_class, resize_first = EXPECTED[(version, task)]
@@ -81,7 +81,9 @@ def test_each_version_builds_its_files_stage1_and_schedule(
         official_tiny_dir / control_file,
         official_tiny_dir / stage1_file,
     )
-    restorer = build_restorer(task, version=version, weights_dir=official_tiny_dir, device="cpu")
+    # built through the version's preset (configs/inference/), as `diffbir-infer --config` does
+    cfg, _ = resolve_config(preset_name(version, task), [f"weights.dir={official_tiny_dir}"])
+    restorer = build_from_config(cfg, "cpu")
     # each file's marker tensor arrived in the model it belongs to
     sd_key = MARKER_KEY["sd.ckpt"]
     assert torch.all(restorer.cldm.sd_state_dict()[sd_key] == marker(sd_file))
@@ -96,8 +98,9 @@ def test_each_version_builds_its_files_stage1_and_schedule(
     assert torch.equal(restorer.base_schedule.alphas_cumprod, expected)
     assert (restorer.base_schedule.alphas_cumprod[-1] == 0) == (version == "v2.1")
     assert restorer.parameterization == ("v" if version == "v2.1" else "eps")
-    # defaults of the version (prompts, steps, CFG) and of the task (upscale)
-    options = default_config(version, task).restore
+    # defaults of the version (prompts, sampler, steps, CFG) and of the task (upscale)
+    options = cfg.restore
+    assert options.sampler.name == VERSIONS[version].sampler
     v = VERSIONS[version]
     assert (options.pos_prompt, options.neg_prompt) == (v.pos_prompt, v.neg_prompt)
     assert (options.steps, options.cfg_scale) == (v.steps, v.cfg_scale)
