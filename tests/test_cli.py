@@ -10,14 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from diffbir.config import build_model, load_config
-from diffbir.diffusion import NoiseSchedule
 from diffbir.pipeline import cli
 from diffbir.pipeline.image_io import read_image
 from diffbir.pipeline.samples import load_sample
+from diffbir.tiny_weights import write_tiny_weights
 from diffbir.weights import OFFICIAL_WEIGHTS
 
 # name in real47 -> (saved name, size) of the small test inputs
@@ -33,24 +31,7 @@ BROKEN = ("empty.png", "garbage.png", "truncated.jpg", "anim.gif")
 
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory) -> Path:
-    """Tiny random models saved like the official files (wrapped SD ckpt, flat .pth files)."""
-    root = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    cldm = build_model(load_config("control_ldm_tiny"))
-    schedule = NoiseSchedule.linear()
-    sd = {
-        **cldm.sd_state_dict(),
-        "betas": schedule.betas,
-        "alphas_cumprod": schedule.alphas_cumprod,
-    }
-    torch.save({"state_dict": sd, "global_step": 0}, root / "v2-1_512-ema-pruned.ckpt")
-    control = {
-        k: torch.randn_like(v) * 0.05 if ("zero_convs" in k or "middle_block_out" in k) else v
-        for k, v in cldm.controlnet.state_dict().items()
-    }
-    torch.save(control, root / "v2.pth")
-    torch.save(build_model(load_config("bsrnet_tiny")).state_dict(), root / "BSRNet.pth")
-    return root
+    return write_tiny_weights(tmp_path_factory.mktemp("weights"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -24,13 +23,15 @@ from diffbir.checkpoint import CheckpointError
 from diffbir.diffusion.samplers import SAMPLERS
 from diffbir.pipeline.color import COLOR_FIXES
 from diffbir.pipeline.device import add_device_arguments, resolve_device, retain_cpu_heap
-from diffbir.pipeline.image_io import (
-    ImageReadError,
-    list_inputs,
-    read_image,
-    to_tensor,
-    write_png,
-    write_text,
+from diffbir.pipeline.image_io import list_inputs, read_image, write_png, write_text
+from diffbir.pipeline.predict import (
+    Recipe,
+    add_distributed_arguments,
+    die_with_parent,
+    placement_device,
+    process_count,
+    run_distributed,
+    run_local,
 )
 from diffbir.pipeline.presets import (
     CONFIG_FILE,
@@ -47,7 +48,6 @@ from diffbir.pipeline.restorer import (
     SAMPLER_KNOB_FLAGS,
     START_POINTS,
     VAE_SHARED_NORM,
-    Restorer,
     TileOptions,
 )
 from diffbir.pipeline.samples import SAMPLE_NAMES, load_sample
@@ -297,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     device = p.add_argument_group("device")
     add_device_arguments(device)
     p.set_defaults(precision=None, device=None)  # given or not: the config decides
+    add_distributed_arguments(p)
 
     w = p.add_argument_group("weights and configs (default: the official files of the version)")
     w.add_argument(
@@ -397,31 +398,6 @@ def _sample_loader(name: str, upscale: float, inputs_dir: Path) -> Callable[[], 
     return load
 
 
-def _run_batch(
-    restorer: Restorer,
-    batch: list[tuple[Job, np.ndarray]],
-    cfg: InferenceConfig,
-    prompts: dict[str, str],
-    report: Report,
-) -> None:
-    lq = torch.cat([to_tensor(img) for _, img in batch])
-    seeds = [
-        [derive_seed(cfg.seed, job.key, k) for k in range(cfg.num_samples)] for job, _ in batch
-    ]
-    try:
-        result = restorer.restore(lq, seeds, cfg.restore, [prompts[job.stem] for job, _ in batch])
-        for i, (job, _) in enumerate(batch):
-            if job.stage1_output is not None:
-                write_png(job.stage1_output, result.stage1[i])
-            for k, path in enumerate(job.outputs):
-                write_png(path, result.samples[i, k])
-            report.restored.append(job.source)
-    except (RuntimeError, ValueError, OSError) as err:
-        for job, _ in batch:
-            if job.source not in report.restored:
-                report.fail(job.source, f"restoration failed: {err}")
-
-
 def job_prompts(cfg: InferenceConfig, jobs: list[Job]) -> dict[str, str]:
     """The positive prompt of each job's stem: from ``--prompts`` when listed there, else
     ``restore.pos_prompt``. Stems of the CSV that match no input are reported."""
@@ -485,24 +461,21 @@ def run(args: argparse.Namespace) -> int:
         else:
             todo.append(job)
     record_run(Path(args.output), cfg_node, prompts, jobs, todo, args.overwrite)
-    if todo:
-        device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
+    processes = process_count(args, device)
+    if processes > 1:
+        die_with_parent()
+    if todo or processes > 1:  # every rank takes part, even with nothing left to do
         if device.type == "cpu" and not args.system_malloc:
             retain_cpu_heap()
-        restorer = build_from_config(cfg, device)
-        batch: list[tuple[Job, np.ndarray]] = []
-        for job in tqdm(todo, desc="images", unit="img", disable=not cfg.restore.progress):
-            try:
-                img = job.load()
-            except ImageReadError as err:
-                report.fail(job.source, err.reason)
-                continue
-            if batch and (len(batch) == cfg.batch_size or batch[0][1].shape != img.shape):
-                _run_batch(restorer, batch, cfg, prompts, report)
-                batch = []
-            batch.append((job, img))
-        if batch:
-            _run_batch(restorer, batch, cfg, prompts, report)
+        restorer = build_from_config(cfg, placement_device(device, processes))
+        job_prompt = {job.key: prompts[job.stem] for job in jobs}
+        recipe = Recipe(cfg.restore, cfg.seed, cfg.num_samples, derive_seed, job_prompt)
+        if processes > 1:
+            return run_distributed(
+                args, restorer, todo, jobs, recipe, report, device, cfg.batch_size
+            )
+        run_local(restorer, todo, recipe, report, cfg.batch_size)
     print(report.summary())
     return 1 if report.failed else 0
 

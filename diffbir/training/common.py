@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from torchmetrics.functional.image import structural_similarity_index_measure
@@ -26,6 +27,8 @@ from diffbir.training.data import (
 )
 
 DATA_POSITION_KEY = "diffbir_batches_seen"
+STREAM_POSITION_KEY = "diffbir_stream_position"
+WORLD_SIZE_KEY = "diffbir_world_size"
 SKIPPED_FILES_KEY = "diffbir_skipped_files"
 logger = logging.getLogger(__name__)
 
@@ -64,10 +67,12 @@ class TrainingTask(pl.LightningModule):
     """A LightningModule with a resumable data stream, per-batch seeding and AdamW + step LR.
 
     ``cfg`` is the whole training config as a plain dict (keys ``seed``, ``data``, ``optim``).
-    The number of training batches this rank has consumed is stored in every checkpoint; the
-    train loader of a resumed run starts right after them, and the global RNGs are re-seeded
-    from ``(seed, batch number, rank)`` before every training batch, so resuming reproduces an
-    uninterrupted run.
+    Every checkpoint stores the number of training batches each rank has consumed and the
+    position in the shared sample stream (samples consumed by all ranks); the train loader of
+    a resumed run starts right after them, and the global RNGs are re-seeded from
+    ``(seed, batch number, rank)`` before every training batch, so resuming with the same number
+    of processes reproduces an uninterrupted run. Resuming with another number of processes
+    continues the stream where it stopped and says what changes (see :meth:`resume_note`).
     """
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
@@ -75,7 +80,9 @@ class TrainingTask(pl.LightningModule):
         self.save_hyperparameters({"cfg": dict(cfg)})
         self.cfg = cfg
         self.seed = int(cfg["seed"])
+        self.batch_size = int(cfg["data"]["train"]["batch_size"])  # per process
         self.batches_seen = 0
+        self.stream_position = 0  # samples of the shared stream consumed by all ranks together
         self.skipped_files = 0  # unreadable training images replaced by others (this rank)
 
     # ----- parameters and optimisation -----
@@ -112,15 +119,15 @@ class TrainingTask(pl.LightningModule):
     def train_dataloader(self) -> DataLoader:
         data = self.cfg["data"]
         dataset = build_paired_dataset(data["train"]["dataset"], "data.train.dataset", self.seed)
-        batch_size = int(data["train"]["batch_size"])
+        world_size = self.trainer.world_size
         return train_loader(
             dataset,
-            batch_size=batch_size,
+            batch_size=self.batch_size,
             num_workers=int(data["train"]["num_workers"]),
             seed=self.seed,
             rank=self.global_rank,
-            world_size=self.trainer.world_size,
-            start=self.batches_seen * batch_size,
+            world_size=world_size,
+            start=self.stream_position // world_size,  # this rank's first unseen sample
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -141,6 +148,7 @@ class TrainingTask(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         torch.manual_seed(derive_seed(self.seed, self.batches_seen, self.global_rank))
         self.batches_seen += 1
+        self.stream_position += self.batch_size * self.trainer.world_size
         skipped = batch.pop(SKIPPED_KEY, None) if isinstance(batch, dict) else None
         if skipped is not None:
             self.skipped_files += int(torch.as_tensor(skipped).sum())
@@ -158,11 +166,35 @@ class TrainingTask(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[DATA_POSITION_KEY] = self.batches_seen
+        checkpoint[STREAM_POSITION_KEY] = self.stream_position
+        checkpoint[WORLD_SIZE_KEY] = self.trainer.world_size
         checkpoint[SKIPPED_FILES_KEY] = self.skipped_files
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        world_size, batch_size = self.trainer.world_size, self.batch_size
         self.batches_seen = int(checkpoint.get(DATA_POSITION_KEY, 0))
         self.skipped_files = int(checkpoint.get(SKIPPED_FILES_KEY, 0))
+        saved_world = int(checkpoint.get(WORLD_SIZE_KEY, world_size))
+        self.stream_position = int(
+            checkpoint.get(STREAM_POSITION_KEY, self.batches_seen * batch_size * world_size)
+        )
+        if saved_world != world_size:
+            rank_zero_warn(self.resume_note(saved_world, world_size, batch_size))
+            self.stream_position = -(-self.stream_position // world_size) * world_size
+
+    def resume_note(self, saved_world: int, world_size: int, batch_size: int) -> str:
+        """What resuming a run of ``saved_world`` processes with ``world_size`` does."""
+        skipped = -self.stream_position % world_size
+        skip = f", after skipping {skipped} so that the ranks share it evenly" if skipped else ""
+        return (
+            f"resuming a {saved_world}-process run with {world_size} process(es): the data "
+            f"continue at sample {self.stream_position} of the shared stream{skip} (no sample "
+            f"twice in a pass); a step now takes {batch_size * world_size} samples "
+            f"(data.train.batch_size {batch_size} x {world_size}; set "
+            "trainer.accumulate_grad_batches to keep the old total); the global step, optimizer "
+            "and learning-rate schedule continue, but per-batch random draws come from other "
+            "per-rank streams, so the result differs from an uninterrupted run"
+        )
 
     # ----- logging -----
     def log_image_grid(self, tag: str, rows: list[Tensor], max_images: int = 4) -> None:
