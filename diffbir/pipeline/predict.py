@@ -380,7 +380,7 @@ def run_distributed(
 
 
 def gather_reports(report: Report, world_size: int) -> list[Report]:
-    """Every rank's report, on every rank (so each knows the exit status).
+    """Every rank's report, on every rank (a collective: every rank must call it).
 
     Called after ``trainer.predict`` rather than in ``on_predict_epoch_end``: Lightning skips
     the predict loop, hooks included, on a rank whose shard is empty (fewer batches than ranks),
