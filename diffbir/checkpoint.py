@@ -7,12 +7,13 @@ run code to unpickle is refused with a :class:`CheckpointError`.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from diffbir.files import atomic_path
 
 _WRAPPER_KEYS = ("state_dict", "params_ema", "params", "model")
 _SHOWN = 5
@@ -112,7 +113,13 @@ def load_weights(
         for k in own
         if k in sd and sd[k].shape != own[k].shape
     ]
-    if missing or unexpected or misshaped:
+    # a float parameter read from an integer/bool tensor would be cast silently by copy_
+    mistyped = [
+        f"{k} (file {sd[k].dtype}, model {own[k].dtype})"
+        for k in own
+        if k in sd and own[k].is_floating_point() and not sd[k].is_floating_point()
+    ]
+    if missing or unexpected or misshaped or mistyped:
         msg = f"{source}: weights do not fit {type(module).__name__}"
         if missing:
             msg += _listing("missing keys", missing)
@@ -120,25 +127,19 @@ def load_weights(
             msg += _listing("unexpected keys", unexpected)
         if misshaped:
             msg += _listing("keys with a different shape", misshaped)
+        if mistyped:
+            msg += _listing("keys expected floating point, found another dtype", mistyped)
         raise CheckpointError(msg)
     module.load_state_dict(sd, strict=False)
 
 
 def save_state_dict(sd: Mapping[str, Tensor], path: str | os.PathLike) -> None:
     """Write a flat state dict atomically as ``.safetensors`` or a torch file (``.pth``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
+    with atomic_path(path) as tmp:
+        if Path(path).suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file(tensors, tmp)
+            save_file(tensors, str(tmp))
         else:
             torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

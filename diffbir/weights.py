@@ -22,6 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from diffbir.checkpoint import WeightsNotFoundError
+from diffbir.files import OutputFolderError, check_output_folder
 from diffbir.versions import DEFAULT_VERSION, VERSIONS, get_version, versions_of_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -283,7 +284,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``diffbir-download``; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.names and (args.all or args.list):
+        parser.error(f"{'--all' if args.all else '--list'}: takes no file names, got {args.names}")
+    if args.base_url and not args.base_url.startswith(("http://", "https://", "file://")):
+        parser.error(f"--base-url: expected an http(s):// or file:// URL, got {args.base_url!r}")
     weights_dir = Path(args.weights_dir) if args.weights_dir else default_weights_dir()
     if args.list:
         for w in OFFICIAL_WEIGHTS.values():
@@ -304,13 +310,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"unknown weight file(s): {unknown}; known: {sorted(OFFICIAL_WEIGHTS)}", file=sys.stderr
         )
         return 2
+    try:
+        check_output_folder(weights_dir, "--weights-dir")
+    except OutputFolderError as err:
+        print(f"diffbir-download: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return _download_all(names, weights_dir, args.base_url, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print("interrupted: partial downloads are kept and resume on the next run", file=sys.stderr)
+        return 130
+
+
+def _download_all(
+    names: list[str], weights_dir: Path, base_url: str | None, *, progress: bool
+) -> int:
     failed = 0
     for name in names:
         url = OFFICIAL_WEIGHTS[name].url
-        if args.base_url:
-            url = f"{args.base_url.rstrip('/')}/{name}"
+        if base_url:
+            url = f"{base_url.rstrip('/')}/{name}"
         try:
-            path = download(url, weights_dir / name, progress=not args.quiet)
+            path = download(url, weights_dir / name, progress=progress)
             print(f"ok      {path}")
         except DownloadError as err:
             failed += 1

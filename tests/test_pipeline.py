@@ -95,9 +95,11 @@ def test_list_inputs_and_atomic_write(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"x")
     found, ignored = list_inputs(tmp_path)
     assert [p.name for p in found] == ["a.JPG", "b.png", "x.gif"]
-    assert [p.name for p in ignored] == ["notes.txt"]
-    found, _ = list_inputs(tmp_path, recursive=True)
+    # every entry is accounted for: hidden files and (without recursion) subfolders too
+    assert [p.name for p in ignored] == [".hidden.png", "notes.txt", "sub"]
+    found, ignored = list_inputs(tmp_path, recursive=True)
     assert "c.png" in [p.name for p in found]
+    assert [p.name for p in ignored] == [".hidden.png", "notes.txt"]
     with pytest.raises(FileNotFoundError, match="--input"):
         list_inputs(tmp_path / "nope")
 

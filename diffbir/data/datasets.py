@@ -45,6 +45,8 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", 
 def _read_image(path: str | Path) -> np.ndarray:
     """Read an image as float32 RGB HWC in [0, 1] (8/16-bit, gray->RGB, alpha dropped, EXIF)."""
     data = np.fromfile(str(path), dtype=np.uint8)
+    if data.size == 0:  # cv2.imdecode raises its own error type on empty data
+        raise ValueError(f"empty image file {path}")
     img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
     if img is None:
         raise ValueError(f"cannot decode image {path}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import os
+import sys
 from pathlib import Path
 
 import cv2
@@ -20,6 +20,7 @@ import numpy as np
 
 from diffbir.data.datasets import IMAGE_EXTENSIONS, _read_image
 from diffbir.data.degradation import FirstOrderDegradation, RealESRGANDegradation
+from diffbir.files import OutputFolderError, atomic_path, check_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +38,13 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def write_png(path: Path, img: np.ndarray) -> None:
-    """Write an RGB [0, 1] image as 8-bit PNG atomically (temp file, then os.replace)."""
+    """Write an RGB [0, 1] image as 8-bit PNG atomically (see :mod:`diffbir.files`)."""
     bgr = (np.clip(img, 0.0, 1.0) * 255.0).round().astype(np.uint8)[..., ::-1]
     ok, buf = cv2.imencode(".png", bgr)
     if not ok:
         raise RuntimeError(f"cannot encode PNG for {path}")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.tobytes())
 
 
 def degrade_image(hq: np.ndarray, degradation: str, scale: int, rng: np.random.Generator):
@@ -58,7 +58,9 @@ def degrade_image(hq: np.ndarray, degradation: str, scale: int, rng: np.random.G
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="diffbir-make-benchmark", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--input", required=True, help="folder of HQ images (searched recursively)")
     parser.add_argument("--output", required=True, help="output folder (gets hq/ and lq/)")
     parser.add_argument(
@@ -71,26 +73,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Entry point of ``diffbir-make-benchmark``: 0 ok, 1 unreadable images (skipped, the
+    others written), 2 bad arguments, 130 interrupted."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     in_dir, out_dir = Path(args.input), Path(args.output)
     if not in_dir.is_dir():
-        raise SystemExit(f"--input {in_dir} is not a folder")
-    if args.scale < 1 or args.crop < 1 or args.crop % args.scale:
-        raise SystemExit(f"--crop {args.crop} must be a positive multiple of --scale {args.scale}")
+        parser.error(f"--input: expected a folder, got {in_dir}")
+    if args.scale < 1:
+        parser.error(f"--scale: expected an integer >= 1, got {args.scale}")
+    if args.crop < 1 or args.crop % args.scale:
+        parser.error(
+            f"--crop: expected a positive multiple of --scale {args.scale}, got {args.crop}"
+        )
     files = sorted(
         p for p in in_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
     )
     if not files:
-        raise SystemExit(f"no images found in --input {in_dir}")
+        parser.error(f"--input: no image files in {in_dir} (expected {sorted(IMAGE_EXTENSIONS)})")
     names = [p.relative_to(in_dir).with_suffix("").as_posix().replace("/", "_") for p in files]
     if len(set(names)) != len(names):
-        raise SystemExit(f"image names in {in_dir} collide after dropping extensions")
-    (out_dir / "hq").mkdir(parents=True, exist_ok=True)
-    (out_dir / "lq").mkdir(parents=True, exist_ok=True)
-    written = 0
+        parser.error(f"--input: image names in {in_dir} collide after dropping extensions")
+    try:
+        for sub in ("hq", "lq"):
+            check_output_folder(out_dir / sub, "--output")
+    except OutputFolderError as err:
+        parser.error(str(err))
+    try:
+        written, failed = _write_pairs(files, names, out_dir, args)
+    except KeyboardInterrupt:
+        print("interrupted: the pairs written so far are kept", file=sys.stderr)
+        return 130
+    logger.info("wrote %d image pairs to %s (%d unreadable)", written, out_dir, failed)
+    return 1 if failed else 0
+
+
+def _write_pairs(
+    files: list[Path], names: list[str], out_dir: Path, args: argparse.Namespace
+) -> tuple[int, int]:
+    written = failed = 0
     for path, name in zip(files, names, strict=True):
-        hq = _read_image(path)
+        try:
+            hq = _read_image(path)
+        except (OSError, ValueError) as err:
+            logger.warning("skipping unreadable %s: %s", path, err)
+            failed += 1
+            continue
         if min(hq.shape[:2]) < args.crop:
             logger.warning("skipping %s: smaller than --crop %d", path, args.crop)
             continue
@@ -102,5 +131,4 @@ def main(argv: list[str] | None = None) -> int:
         write_png(out_dir / "hq" / f"{name}.png", hq)
         write_png(out_dir / "lq" / f"{name}.png", lq)
         written += 1
-    logger.info("wrote %d image pairs to %s", written, out_dir)
-    return 0
+    return written, failed

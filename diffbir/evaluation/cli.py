@@ -61,6 +61,7 @@ from diffbir.evaluation.tables import (
     score_images,
     write_per_image_csv,
 )
+from diffbir.files import OutputFolderError, check_output_folder
 
 TIME_ROW = RowSpec("time_ms", "Inference Time (ms)", higher_is_better=False, decimals=2)
 PARAMS_ROW = RowSpec("params_m", "Model Size (M)", higher_is_better=False, decimals=2)
@@ -239,11 +240,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``diffbir-eval``; returns the exit code (2 on bad input)."""
     args = build_parser().parse_args(argv)
     try:
+        check_output_folder(args.out, "--out")  # before any scoring or inference
         tables = _preset(args) if args.preset else [_adhoc(args)]
         text = _write_tables(tables, Path(args.out))
-    except (EvaluationError, FileNotFoundError) as err:
+    except (EvaluationError, OutputFolderError, FileNotFoundError) as err:
         print(f"diffbir-eval: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("diffbir-eval: interrupted (restored result folders are kept)", file=sys.stderr)
+        return 130
     print(text)
     return 0
 

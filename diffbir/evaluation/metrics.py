@@ -34,7 +34,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+from diffbir.pipeline.image_io import IMAGE_EXTENSIONS, ImageReadError
+from diffbir.pipeline.image_io import read_image as read_pipeline_image
+
+IMAGE_SUFFIXES = tuple(sorted(IMAGE_EXTENSIONS))  # the files diffbir-infer reads
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 
@@ -93,21 +96,13 @@ def metric_info(name: str) -> MetricInfo:
 
 
 def read_image(path: str | Path) -> Tensor:
-    """Read an image file as a float32 RGB tensor (1, 3, H, W) in [0, 1]."""
-    path = Path(path)
-    data = np.fromfile(path, dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if img is None:
-        raise EvaluationError(f"cannot read image {path}: not a readable image file")
-    scale = 65535.0 if img.dtype == np.uint16 else 255.0
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    elif img.shape[2] == 4:
-        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-    else:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    tensor = torch.from_numpy(img.astype(np.float32) / scale)
-    return tensor.permute(2, 0, 1).unsqueeze(0).contiguous()
+    """Read an image file as a float32 RGB tensor (1, 3, H, W) in [0, 1], exactly as
+    ``diffbir-infer`` reads its inputs (EXIF orientation, 16-bit, alpha dropped, size limit)."""
+    try:
+        img = read_pipeline_image(path)
+    except ImageReadError as err:
+        raise EvaluationError(f"cannot read image {path}: {err.reason}") from err
+    return torch.from_numpy(img).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
 def list_images(folder: str | Path, what: str = "folder") -> dict[str, Path]:

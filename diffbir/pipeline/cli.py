@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import hashlib
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,17 @@ from tqdm import tqdm
 
 from diffbir.checkpoint import CheckpointError
 from diffbir.diffusion.samplers import SAMPLERS
+from diffbir.files import check_output_folder, remove_stale_temp_files
+from diffbir.pipeline.checks import blocking_file
 from diffbir.pipeline.color import COLOR_FIXES
 from diffbir.pipeline.device import add_device_arguments, resolve_device, retain_cpu_heap
-from diffbir.pipeline.image_io import list_inputs, read_image, write_png, write_text
+from diffbir.pipeline.image_io import (
+    IMAGE_EXTENSIONS,
+    list_inputs,
+    read_image,
+    write_png,
+    write_text,
+)
 from diffbir.pipeline.predict import (
     Recipe,
     add_distributed_arguments,
@@ -55,6 +64,7 @@ from diffbir.versions import DEFAULT_VERSION, TASKS, VERSION_NAMES
 from diffbir.weights import WEIGHTS_ENV, MissingWeightsError
 
 STAGE1_DIR = "stage1"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 SAMPLE_INPUTS_DIR = "inputs"
 
 
@@ -62,6 +72,10 @@ def derive_seed(run_seed: int, key: str, sample: int = 0) -> int:
     """A 63-bit seed from the run seed, an image's relative path and the sample index."""
     digest = hashlib.sha256(f"{run_seed}\0{key}\0{sample}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class NoInputImagesError(ValueError):
+    """An input folder without a single image file."""
 
 
 @dataclass
@@ -101,7 +115,7 @@ class Report:
         lines = [
             f"summary: {len(self.restored)} restored, {len(self.skipped)} skipped (output exists; "
             f"--overwrite to redo), {len(self.failed)} failed, {len(self.ignored)} ignored "
-            "(not image files)"
+            "(not image files, hidden, folders without --recursive, or inside --output)"
         ]
         lines += [f"  failed: {source}: {reason}" for source, reason in self.failed]
         return "\n".join(lines)
@@ -334,7 +348,28 @@ def config_from_args(args: argparse.Namespace) -> tuple[InferenceConfig, DictCon
     """The effective config of a command line (ValueError names the bad flag or key)."""
     flags = flag_values(args)
     flags.setdefault("restore.progress", True)
-    return resolve_config(args.config, args.overrides, flags)
+    cfg, node = resolve_config(args.config, args.overrides, flags)
+    refuse_unused_flags(args, cfg)
+    return cfg, node
+
+
+_GUIDANCE_KNOBS = ("g_loss", "g_space", "g_start", "g_stop", "g_repeat")
+
+
+def refuse_unused_flags(args: argparse.Namespace, cfg: InferenceConfig) -> None:
+    """A flag that this run's config would not use is an error, never silently dropped."""
+    knobs = [f"--{d.replace('_', '-')}" for d in _GUIDANCE_KNOBS if getattr(args, d) is not None]
+    if knobs and cfg.restore.guidance.scale == 0:
+        raise ValueError(
+            f"{', '.join(knobs)}: only used with restoration guidance; add --guidance (or "
+            "--g-scale > 0) or drop them"
+        )
+    tiles = cfg.restore.tiles
+    if args.vae_shared_norm is not None and tiles.vae_encoder is None and tiles.vae_decoder is None:
+        raise ValueError(
+            "--vae-shared-norm: only used with a tiled VAE; add --tiled (or --vae-encoder-tile/"
+            "--vae-decoder-tile) or drop it"
+        )
 
 
 def _output_paths(
@@ -372,19 +407,52 @@ def plan_jobs(
     root = Path(args.input)
     candidates, ignored = list_inputs(root, args.recursive)
     report.ignored.extend(str(p) for p in ignored)
-    out_resolved = output.resolve()
+    out_abs = _real(output)
+    if root.is_dir() and out_abs == _real(root):
+        raise ValueError(
+            f"--output: expected a folder other than --input (results would mix with the "
+            f"inputs they are made from), got {args.output}"
+        )
+    # an output folder inside a recursive input: the files in it are ours, not inputs
+    output_in_input = root.is_dir() and _real(root) in out_abs.parents
+    inside = [p for p in candidates if output_in_input and out_abs in _real(p).parents]
+    report.ignored.extend(str(p) for p in inside)
+    candidates = [p for p in candidates if p not in inside]
+    inputs = {_real(p) for p in candidates}
     owner: dict[Path, str] = {}
     for path in candidates:
-        if out_resolved in path.resolve().parents:
-            continue  # our own outputs inside the input folder
         key = path.name if root.is_file() else path.relative_to(root).as_posix()
         outs, s1 = _output_paths(output, key, num_samples, args.save_stage1)
-        if outs[0] in owner:
-            report.fail(str(path), f"output {outs[0]} would clash with that of {owner[outs[0]]}")
+        paths = [*outs, *([s1] if s1 else [])]
+        problem = _path_problem(paths, owner, inputs, output)
+        if problem:
+            report.fail(str(path), problem)
             continue
-        owner[outs[0]] = str(path)
+        owner.update({p: str(path) for p in paths})
         jobs.append(Job(key, str(path), lambda p=path: read_image(p), outs, s1))
     return jobs
+
+
+def _real(path: Path) -> Path:
+    """``path`` with its folders' links resolved (the file itself may be a link)."""
+    return path.parent.resolve() / path.name
+
+
+def _path_problem(
+    paths: list[Path], owner: dict[Path, str], inputs: set[Path], output: Path
+) -> str | None:
+    """Why an input's output paths cannot be written, or None."""
+    for p in paths:
+        if p in owner:
+            return f"output {p} would clash with an output of {owner[p]}"
+        if _real(p) in inputs:
+            return f"output {p} would overwrite an input image"
+        if p.is_dir():
+            return f"output {p} is a folder"
+        blocker = blocking_file(p, output)
+        if blocker is not None:
+            return f"output {p} needs a folder where the file {blocker} is"
+    return None
 
 
 def _sample_loader(name: str, upscale: float, inputs_dir: Path) -> Callable[[], np.ndarray]:
@@ -449,11 +517,27 @@ def record_run(
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run a parsed command line; returns the exit status."""
+    """Run a parsed command line; returns the exit status.
+
+    Everything that can be checked without the models is checked before they load: config,
+    device, input listing, output folder and paths. Ctrl-C keeps the finished outputs, prints
+    the summary so far and returns 130.
+    """
+    started = time.time()
     cfg, cfg_node = config_from_args(args)
+    device = resolve_device(cfg.device)
     report = Report()
     jobs = plan_jobs(args, report, cfg.restore.upscale, cfg.num_samples)
+    refused = len(report.failed)  # inputs failed while planning (name clashes)
+    if args.input is not None and not jobs and not refused:
+        raise NoInputImagesError(
+            f"--input: no image files in {args.input} (expected extensions "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))}; {len(report.ignored)} entries ignored"
+            f"{'' if args.recursive else ', subfolders need --recursive'})"
+        )
     prompts = job_prompts(cfg, jobs)
+    check_output_folder(args.output)
+    remove_stale_temp_files(args.output, older_than=started)
     todo = []
     for job in jobs:
         if job.done() and not args.overwrite:
@@ -461,7 +545,6 @@ def run(args: argparse.Namespace) -> int:
         else:
             todo.append(job)
     record_run(Path(args.output), cfg_node, prompts, jobs, todo, args.overwrite)
-    device = resolve_device(cfg.device)
     processes = process_count(args, device)
     if processes > 1:
         die_with_parent()
@@ -475,17 +558,31 @@ def run(args: argparse.Namespace) -> int:
             return run_distributed(
                 args, restorer, todo, jobs, recipe, report, device, cfg.batch_size
             )
-        run_local(restorer, todo, recipe, report, cfg.batch_size)
+        try:
+            run_local(restorer, todo, recipe, report, cfg.batch_size)
+        except KeyboardInterrupt:
+            done = len(report.restored) + len(report.skipped) + len(report.failed) - refused
+            print(
+                f"interrupted: {len(jobs) - done} input(s) not processed; "
+                "finished outputs are kept, run the same command again to continue",
+                file=sys.stderr,
+            )
+            print(report.summary())
+            return EXIT_INTERRUPTED
     print(report.summary())
     return 1 if report.failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``diffbir-infer``; returns the exit status (0 ok, 1 failures, 2 usage)."""
+    """Entry point of ``diffbir-infer``; returns the exit status (0 ok, 1 failures, 2 usage,
+    130 interrupted)."""
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow flags
     try:
         return run(args)
+    except KeyboardInterrupt:
+        print("interrupted (before any image was restored)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (MissingWeightsError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
+
+from diffbir.files import atomic_path
 
 # Formats read by this pipeline (via Pillow).
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
@@ -35,25 +36,35 @@ class ImageReadError(ValueError):
 
 
 def list_inputs(path: str | os.PathLike, recursive: bool = False) -> tuple[list[Path], list[Path]]:
-    """``(candidates, ignored)`` for an input file or folder, both sorted.
+    """``(candidates, ignored)`` for an input file or folder, both sorted; together they hold
+    every entry of the folder (of its subfolders too when ``recursive``).
 
-    Candidates are files with an image extension (readable or recognised-unsupported); a single
-    file given directly is always a candidate. Other files in a folder (and hidden files) are
-    ignored.
+    Candidates are entries with an image extension (readable, recognised-unsupported, or a
+    broken symbolic link: reading them reports why); a single file given directly is always a
+    candidate. Other files, hidden entries and (unless ``recursive``) subfolders are ignored.
     """
     path = Path(path)
     if path.is_file():
         return [path], []
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--input: expected an image file or a folder, got a special file {path}")
     if not path.is_dir():
         raise FileNotFoundError(f"--input: no such file or folder: {path}")
     pattern = path.rglob("*") if recursive else path.glob("*")
     candidates, ignored = [], []
     for p in sorted(pattern):
-        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(path).parts):
-            continue
-        ext = p.suffix.lower()
-        known = ext in IMAGE_EXTENSIONS or ext in UNSUPPORTED_IMAGE_EXTENSIONS
-        (candidates if known else ignored).append(p)
+        parts = p.relative_to(path).parts
+        if any(part.startswith(".") for part in parts[:-1]):
+            continue  # inside a hidden folder, which is counted itself
+        if parts[-1].startswith("."):
+            ignored.append(p)
+        elif p.is_dir():
+            if not recursive or p.is_symlink():  # rglob does not enter folder links
+                ignored.append(p)
+        else:
+            ext = p.suffix.lower()
+            known = ext in IMAGE_EXTENSIONS or ext in UNSUPPORTED_IMAGE_EXTENSIONS
+            (candidates if known else ignored).append(p)
     return candidates, ignored
 
 
@@ -94,6 +105,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     ext = path.suffix.lower()
+    if path.is_symlink() and not path.exists():
+        raise ImageReadError(path, f"broken symbolic link (to {os.readlink(path)})")
     try:
         size = path.stat().st_size
     except OSError as err:
@@ -140,19 +153,9 @@ def to_uint8(img: Tensor) -> np.ndarray:
 
 
 def _write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Write through ``write(handle)`` into a temporary file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.stem}.", suffix=f"{path.suffix}.tmp"
-    )
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write through ``write(handle)`` atomically (see :mod:`diffbir.files`)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        write(handle)
     return path
 
 

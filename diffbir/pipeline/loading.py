@@ -168,14 +168,14 @@ def build_restorer(
     check_version(paths, version, task)
     check_paths(paths)
 
-    cldm = build_model(load_config(cldm_config))
+    cldm = build_model(load_config(cldm_config), source=str(cldm_config))
     cldm.load_sd_weights(read_state_dict(paths.sd), str(paths.sd))
     cldm.load_controlnet_weights(_controlnet_state_dict(paths.controlnet), str(paths.controlnet))
 
     stage1 = Stage1(model=None)
     if paths.stage1 is not None:
         cfg = load_config(stage1_config)
-        model = build_model(cfg)
+        model = build_model(cfg, source=str(stage1_config))
         load_weights(model, read_state_dict(paths.stage1), str(paths.stage1))
         name = OmegaConf.select(cfg, "name")
         stage1 = Stage1(

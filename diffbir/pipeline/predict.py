@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from diffbir.pipeline.checks import memory_limit, memory_problem
 from diffbir.pipeline.image_io import ImageReadError, to_tensor, write_png
 from diffbir.pipeline.restorer import RestoreOptions, Restorer
 
@@ -151,8 +152,15 @@ def restore_batch(restorer: Restorer, item: Mapping[str, Any], recipe: Recipe) -
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(item["images"]):
         groups.setdefault(tuple(image.shape), []).append(i)
+    limit, element_size = memory_limit(restorer.device), torch.finfo(restorer.dtype).bits // 8
     for members in groups.values():
         keys = [item["keys"][i] for i in members]
+        height, width = item["images"][members[0]].shape[-2:]
+        count = len(members) * recipe.samples  # images in stage 2 at once
+        problem = memory_problem(height, width, recipe.options, count, element_size, limit)
+        if problem:  # refused before stage 1, instead of dying in the allocator
+            failures += [(item["sources"][i], problem) for i in members]
+            continue
         try:
             lq = torch.cat([item["images"][i] for i in members])
             seeds = [recipe.seeds(k) for k in keys]

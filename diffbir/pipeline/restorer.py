@@ -32,6 +32,57 @@ from diffbir.versions import V2_NEG_PROMPT
 
 DEFAULT_NEG_PROMPT = V2_NEG_PROMPT  # RestoreOptions defaults are the paper's (v2)
 LATENT_FACTOR = 8
+MAX_STEPS = 1000  # the training timesteps of every SD version: spaced sampling takes at most all
+
+# options field -> the diffbir-infer flag that sets it, so that an error names what was typed
+OPTION_FLAGS = {
+    "upscale": "--upscale",
+    "steps": "--steps",
+    "cfg_scale": "--cfg-scale",
+    "strength": "--strength",
+    "min_side": "--min-side",
+    "color_fix": "--color-fix",
+    "scale": "--g-scale",
+    "loss": "--g-loss",
+    "space": "--g-space",
+    "start": "--g-start",
+    "stop": "--g-stop",
+    "repeat": "--g-repeat",
+}
+
+
+def _check_number(
+    options: object,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+) -> None:
+    """Raise ValueError ``<flag>: expected <range>, got <value>`` unless the field is a finite
+    number (an int for int fields) in range."""
+    value = getattr(options, name)
+    flag = OPTION_FLAGS.get(name, name)
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    wants_int = isinstance(low, int) or isinstance(high, int)
+    if wants_int and not is_int:
+        raise ValueError(f"{flag}: expected an integer, got {value!r}")
+    if not (is_int or isinstance(value, float)) or not math.isfinite(value):
+        raise ValueError(f"{flag}: expected a finite number, got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if too_low or (high is not None and value > high):
+        if low is not None and high is not None:
+            expected = f"{low}..{high}"
+        else:
+            expected = f"> {low}" if low_open else f">= {low}" if low is not None else f"<= {high}"
+        raise ValueError(f"{flag}: expected {expected}, got {value}")
+
+
+def _check_choice(options: object, name: str, choices: Sequence[str]) -> None:
+    value = getattr(options, name)
+    if value not in choices:
+        flag = OPTION_FLAGS.get(name, name)
+        raise ValueError(f"{flag}: expected one of {', '.join(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -46,16 +97,12 @@ class GuidanceOptions:
     repeat: int = 1
 
     def __post_init__(self) -> None:
-        if self.loss not in ("w_mse", "mse"):
-            raise ValueError(f"guidance loss (--g-loss): expected w_mse or mse, got {self.loss!r}")
-        if self.space not in ("rgb", "latent"):
-            raise ValueError(
-                f"guidance space (--g-space): expected rgb or latent, got {self.space!r}"
-            )
-        if self.repeat < 1:
-            raise ValueError(f"guidance repeat (--g-repeat): expected >= 1, got {self.repeat}")
-        if not self.scale >= 0:
-            raise ValueError(f"guidance scale (--g-scale): expected >= 0, got {self.scale}")
+        _check_choice(self, "loss", ("w_mse", "mse"))
+        _check_choice(self, "space", ("rgb", "latent"))
+        _check_number(self, "scale", low=0.0)
+        _check_number(self, "repeat", low=1)
+        _check_number(self, "start")
+        _check_number(self, "stop")
 
 
 VAE_SHARED_NORM = ("encoder", "decoder", "both", "none")
@@ -99,12 +146,18 @@ class TileOptions:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{_TILE_FLAGS[name]}: expected > 0, got {value}")
-        for tile, stride in (
-            (self.stage1, self.stage1_stride),
-            (self.diffusion, self.diffusion_stride),
-        ):
+        for name in ("stage1", "diffusion"):
+            tile, stride = getattr(self, name), getattr(self, f"{name}_stride")
+            if tile is None and stride is not None:
+                raise ValueError(
+                    f"{_TILE_FLAGS[f'{name}_stride']}: only used with {_TILE_FLAGS[name]} (or "
+                    f"--tiled), got {stride} without it"
+                )
             if tile is not None and stride is not None and stride > tile:
-                raise ValueError(f"tile stride {stride} is larger than its tile {tile}: gaps")
+                raise ValueError(
+                    f"{_TILE_FLAGS[f'{name}_stride']}: expected <= {_TILE_FLAGS[name]} {tile} "
+                    f"(a larger stride leaves gaps), got {stride}"
+                )
 
 
 SAMPLER_KNOB_FLAGS = {
@@ -183,14 +236,12 @@ class RestoreOptions:
     progress: bool = False
 
     def __post_init__(self) -> None:
-        if self.upscale <= 0:
-            raise ValueError(f"--upscale: expected > 0, got {self.upscale}")
-        if self.steps < 2:
-            raise ValueError(f"--steps: expected >= 2, got {self.steps}")
-        if self.color_fix not in COLOR_FIXES:
-            raise ValueError(f"color fix: expected one of {COLOR_FIXES}, got {self.color_fix!r}")
-        if self.min_side < 0:
-            raise ValueError(f"min side: expected >= 0, got {self.min_side}")
+        _check_number(self, "upscale", low=0.0, low_open=True)
+        _check_number(self, "steps", low=2, high=MAX_STEPS)
+        _check_number(self, "cfg_scale")
+        _check_number(self, "strength", low=0.0)
+        _check_number(self, "min_side", low=0)
+        _check_choice(self, "color_fix", COLOR_FIXES)
 
 
 @dataclass

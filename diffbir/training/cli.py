@@ -11,8 +11,9 @@ an unknown key is an error. Missing files and empty datasets are reported before
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
 from diffbir.checkpoint import CheckpointError, WeightsNotFoundError, read_state_dict
-from diffbir.config import load_config
+from diffbir.config import load_config, resolve_config_path
 from diffbir.pipeline.device import PRECISIONS, cpu_has_fast_half
 from diffbir.training.common import TrainingTask
 from diffbir.training.data import TrainingSetupError, build_paired_dataset, check_source
@@ -58,7 +59,70 @@ KNOWN_KEYS: dict[str, dict[str, set[str]]] = {
 EXPORT_NAMES = {"rm": "swinir", "gm": "controlnet"}
 
 
-def check_keys(cfg: Mapping[str, Any], kind: str) -> None:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+# key -> (what it must be, test); keys absent from a config are not checked here
+_EXPECTED: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "int": ("an integer", _is_int),
+    "int>=0": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "int>0": ("an integer > 0", lambda v: _is_int(v) and v > 0),
+    "int>0|null": ("an integer > 0 or null", lambda v: v is None or _is_int(v) and v > 0),
+    "float>0": ("a finite number > 0", lambda v: _is_number(v) and v > 0),
+    "float>=0": ("a finite number >= 0", lambda v: _is_number(v) and v >= 0),
+    "float>=0|null": ("a finite number >= 0 or null",
+                      lambda v: v is None or _is_number(v) and v >= 0),
+    "betas": ("two numbers in [0, 1)", lambda v: isinstance(v, list) and len(v) == 2
+              and all(_is_number(b) and 0 <= b < 1 for b in v)),
+    "int list": ("a list of integers", lambda v: isinstance(v, list) and all(map(_is_int, v))),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str) and v != ""),
+    "str|null": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "int|str": ("an integer or a string", lambda v: _is_int(v) or isinstance(v, str)),
+}  # fmt: skip
+KEY_TYPES = {
+    "seed": "int", "output_dir": "str",
+    "data.train.batch_size": "int>0", "data.train.num_workers": "int>=0",
+    "data.val.batch_size": "int>0", "data.val.num_workers": "int>=0",
+    "data.val.max_images": "int>0|null", "data.val.sample_batches": "int>=0",
+    "data.val.sample_steps": "int>0",
+    "optim.lr": "float>0", "optim.betas": "betas", "optim.weight_decay": "float>=0",
+    "optim.lr_milestones": "int list", "optim.lr_gamma": "float>0",
+    "trainer.accelerator": "str", "trainer.num_nodes": "int>0", "trainer.strategy": "str",
+    "trainer.precision": "int|str", "trainer.accumulate_grad_batches": "int>0",
+    "trainer.gradient_clip_val": "float>=0|null", "trainer.max_steps": "int>0",
+    "trainer.log_every_n_steps": "int>0", "trainer.val_every_n_steps": "int>0",
+    "trainer.checkpoint_every_n_steps": "int>0", "trainer.keep_checkpoints": "int",
+    "trainer.deterministic": "bool", "trainer.progress_bar": "bool",
+    "model.config": "str", "model.gradient_checkpointing": "bool",
+    "model.sd_weights": "str|null", "model.controlnet_init": "str|null",
+    "model.noise_aug_timestep": "int>=0", "model.parameterization": "str",
+    "model.zero_terminal_snr": "bool", "model.stage1.config": "str",
+    "model.stage1.weights": "str|null",
+}  # fmt: skip
+
+
+def check_types(cfg: Mapping[str, Any], source: str = "config") -> None:
+    """Raise :class:`TrainingSetupError` ``<source>: <key>: expected <what>, got <value>`` for
+    the first value of the wrong type or range."""
+    for key, kind in KEY_TYPES.items():
+        node: Any = cfg
+        for part in key.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, Mapping) else _ABSENT
+        what, test = _EXPECTED[kind]
+        if node is not _ABSENT and not test(node):
+            raise TrainingSetupError(f"{source}: {key}: expected {what}, got {node!r}")
+
+
+_ABSENT = object()
+
+
+def check_keys(cfg: Mapping[str, Any], kind: str, source: str = "config") -> None:
     """Raise :class:`TrainingSetupError` naming the first config key the trainer does not know."""
     known = KNOWN_KEYS[kind]
     for section, keys in known.items():
@@ -71,7 +135,7 @@ def check_keys(cfg: Mapping[str, Any], kind: str) -> None:
             if key not in keys:
                 name = f"{section}.{key}" if section else key
                 raise TrainingSetupError(
-                    f"unknown config key {name!r}; known keys here: {sorted(keys)}"
+                    f"{source}: unknown config key {name!r}; known keys here: {sorted(keys)}"
                 )
 
 
@@ -82,9 +146,12 @@ def _require_file(path: Any, key: str) -> None:
         raise WeightsNotFoundError(f"{key}: weight file not found: {Path(path).resolve()}")
 
 
-def check_setup(cfg: Mapping[str, Any], kind: str) -> None:
-    """Every check that can fail before training starts: keys, values, lists, files, datasets."""
-    check_keys(cfg, kind)
+def check_setup(cfg: Mapping[str, Any], kind: str, source: str = "config") -> None:
+    """Every check that can fail before training starts: keys, values, lists, files, datasets.
+
+    ``source`` (the config file) starts the messages about keys and values."""
+    check_keys(cfg, kind, source)
+    check_types(cfg, source)
     model = cfg["model"]
     if kind == "gm" and model.get("sd_weights"):  # an official SD file of another schedule
         conflict = schedule_conflict(
@@ -94,11 +161,6 @@ def check_setup(cfg: Mapping[str, Any], kind: str) -> None:
         )
         if conflict:
             raise TrainingSetupError(f"model.sd_weights: {conflict}")
-    for key in ("max_steps", "checkpoint_every_n_steps", "val_every_n_steps"):
-        if int(cfg["trainer"][key]) <= 0:
-            raise TrainingSetupError(f"trainer.{key} must be a positive integer")
-    if int(cfg["data"]["train"]["batch_size"]) <= 0:
-        raise TrainingSetupError("data.train.batch_size must be a positive integer")
     splits = ["train"] + (["val"] if cfg["data"].get("val") else [])
     for split in splits:
         key = f"data.{split}.dataset.source"
@@ -193,6 +255,24 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     path = Path(output_dir) / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
     if not path.is_file():
         raise TrainingSetupError(f"--resume {resume}: checkpoint not found: {path.resolve()}")
+    try:  # the checks of the real load, made now: a truncated or unsafe file fails at setup
+        try:  # mmap: nothing is read but what is looked at
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):  # only the legacy (pre-zip) format cannot be mapped
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise TrainingSetupError(
+            f"--resume {resume}: {path} is not a loadable training checkpoint (truncated, not a "
+            f"torch file, or needs unsafe unpickling: weights_only=True refused it): {reason}"
+        ) from err
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt or "global_step" not in ckpt:
+        raise TrainingSetupError(
+            f"--resume {resume}: {path} is not a Lightning training checkpoint (expected the "
+            "keys state_dict and global_step; a weight file only starts a new run)"
+        )
     return str(path)
 
 
@@ -224,8 +304,14 @@ def prepare(
 ) -> tuple[dict, str | None]:
     """Load the config and run every check; returns it and the checkpoint to resume from."""
     cfg = load_training_config(config, overrides)
-    check_setup(cfg, kind)
+    check_setup(cfg, kind, _config_source(config))
     return cfg, resolve_resume(resume, cfg["output_dir"])
+
+
+def _config_source(config: str | Path | DictConfig) -> str:
+    if isinstance(config, DictConfig):
+        return "config"
+    return str(resolve_config_path(config, "train"))
 
 
 def seeded_task(kind: str, cfg: Mapping[str, Any]) -> TrainingTask:
@@ -246,7 +332,7 @@ def fit(
     """
     task = seeded_task(kind, cfg) if task is None else task
     trainer = build_trainer(cfg)
-    trainer.fit(task, ckpt_path=ckpt_path)
+    trainer.fit(task, ckpt_path=ckpt_path, weights_only=True)
     # the final state is always resumable, even off the checkpoint interval (all ranks call this)
     last = Path(cfg["output_dir"]) / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(last, weights_only=False)  # full state; saying so keeps logs quiet

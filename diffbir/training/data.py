@@ -134,7 +134,26 @@ def build_paired_dataset(params: Mapping[str, Any], key: str, seed: int | None =
         raise TrainingSetupError(f"{key}: {err}") from err
     if len(dataset) == 0:
         raise TrainingSetupError(f"{key}: dataset is empty (no images in {params['source']})")
+    _check_one_readable(dataset, params["source"], f"{key}.source")
     return dataset
+
+
+def _check_one_readable(dataset: Any, source: str, key: str) -> None:
+    """Raise unless some image of the dataset decodes (reads up to the first one that does):
+    with none, every training step would search the whole list in vain."""
+    from diffbir.data.datasets import _read_image
+
+    first_error = None
+    for path, _ in dataset.entries:
+        try:
+            _read_image(path)
+            return
+        except (OSError, ValueError) as err:
+            first_error = first_error or f"{path}: {err}"
+    raise TrainingSetupError(
+        f"{key}: none of the {len(dataset.entries)} images of {source} can be read "
+        f"(first: {first_error})"
+    )
 
 
 def train_loader(
