@@ -40,6 +40,23 @@ def resolve_config_path(path_or_name: str | os.PathLike, group: str = "model") -
     return candidate
 
 
+def load_yaml(path: str | os.PathLike) -> DictConfig:
+    """A YAML mapping as a DictConfig; :class:`ConfigError` names the file (and the line of a
+    syntax error) when it cannot be read or is not a mapping."""
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from err
+    except (OSError, UnicodeDecodeError, OmegaConfBaseException) as err:
+        raise ConfigError(f"{path}: cannot be read ({str(err).splitlines()[0]})") from err
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top, got a list")
+    return cfg
+
+
 def load_config(
     path_or_name: str | os.PathLike | DictConfig,
     overrides: Sequence[str] = (),
@@ -53,18 +70,7 @@ def load_config(
     if isinstance(path_or_name, DictConfig):
         cfg = path_or_name
     else:
-        path = resolve_config_path(path_or_name, group)
-        try:
-            cfg = OmegaConf.load(path)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from err
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: cannot be read ({err})") from err
-        if not isinstance(cfg, DictConfig):
-            raise ConfigError(f"{path}: expected a mapping of keys at the top, got a list")
+        cfg = load_yaml(resolve_config_path(path_or_name, group))
     OmegaConf.set_struct(cfg, True)
     for override in overrides:  # one at a time, so that an error names the bad one
         try:

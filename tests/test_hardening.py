@@ -283,6 +283,26 @@ def test_model_config_errors_name_file_and_key(weights_dir, tmp_path, capsys):  
         assert "Traceback" not in err
 
 
+def test_inference_preset_and_override_errors_name_file_and_key(tmp_path, capsys):
+    _image(tmp_path / "in" / "a.png")
+    cases = {
+        "syntax.yaml": ("restore:\n  steps: [\n", "not valid YAML (line 3"),
+        "type.yaml": ("restore:\n  steps: abc\n", "restore.steps: Value 'abc'"),
+        "unknown.yaml": ("restore:\n  colour: 1\n", "restore.colour: Key 'colour'"),
+    }
+    for name, (text, says) in cases.items():
+        (tmp_path / name).write_text(text)
+        argv = _args(tmp_path / "w", tmp_path / "out", "--input", str(tmp_path / "in"))
+        code, _, err = _run([*argv, "--config", str(tmp_path / name)], capsys)
+        assert code == 2 and f"--config {tmp_path / name}: " in err and says in err, err
+    for override, says in (("restore.strength=nan", "--strength: expected a finite number"),
+                           ("restore.steps=abc", "'restore.steps=abc'")):  # fmt: skip
+        argv = _args(tmp_path / "w", tmp_path / "out", "--input", str(tmp_path / "in"))
+        code, _, err = _run([*argv, override], capsys)
+        assert code == 2 and says in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_non_float_weight_tensor_is_refused(weights_dir, tmp_path, capsys):  # noqa: F811
     model = torch.nn.Conv2d(1, 1, 1)
     with pytest.raises(CheckpointError, match="weight .*int32"):

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from diffbir.config import CONFIG_ROOT, load_config, resolve_config_path
+from diffbir.config import CONFIG_ROOT, ConfigError, load_config, load_yaml, resolve_config_path
 from diffbir.pipeline.loading import build_restorer, custom_model, resolve_weight_paths
 from diffbir.pipeline.restorer import RestoreOptions, Restorer, SamplerOptions, TileOptions
 from diffbir.versions import (
@@ -132,7 +132,8 @@ def dump(cfg: DictConfig | InferenceConfig) -> str:
 
 def _user_error(what: str, err: Exception) -> ValueError:
     first_line = (str(err).strip().splitlines() or [""])[0]
-    return ValueError(f"{what}: {first_line}")
+    key = getattr(err, "full_key", None)  # omegaconf errors know the dotted key
+    return ValueError(f"{what}: {f'{key}: ' if key else ''}{first_line}")
 
 
 def _selected(name: str, flags: Mapping[str, Any], overrides: DictConfig, preset: DictConfig):
@@ -171,11 +172,9 @@ def resolve_config(
     if preset is not None:
         path = resolve_config_path(preset, PRESET_GROUP)
         try:
-            preset_cfg = OmegaConf.load(path)
-        except (OmegaConfBaseException, ValueError, OSError) as err:  # yaml errors subclass these
-            raise _user_error(f"--config {path}", err) from err
-        if not isinstance(preset_cfg, DictConfig):
-            raise ValueError(f"--config {path}: expected a mapping of config keys")
+            preset_cfg = load_yaml(path)
+        except ConfigError as err:
+            raise ConfigError(f"--config {err}") from err
     try:
         override_cfg = OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as err:
