@@ -63,6 +63,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_list(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str)  # list or ListConfig
+
+
 def _is_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
@@ -77,9 +81,9 @@ _EXPECTED: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "float>=0": ("a finite number >= 0", lambda v: _is_number(v) and v >= 0),
     "float>=0|null": ("a finite number >= 0 or null",
                       lambda v: v is None or _is_number(v) and v >= 0),
-    "betas": ("two numbers in [0, 1)", lambda v: isinstance(v, list) and len(v) == 2
+    "betas": ("two numbers in [0, 1)", lambda v: _is_list(v) and len(v) == 2
               and all(_is_number(b) and 0 <= b < 1 for b in v)),
-    "int list": ("a list of integers", lambda v: isinstance(v, list) and all(map(_is_int, v))),
+    "int list": ("a list of integers", lambda v: _is_list(v) and all(map(_is_int, v))),
     "bool": ("true or false", lambda v: isinstance(v, bool)),
     "str": ("a string", lambda v: isinstance(v, str) and v != ""),
     "str|null": ("a string or null", lambda v: v is None or isinstance(v, str)),
