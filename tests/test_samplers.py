@@ -287,7 +287,7 @@ def test_guidance_with_an_edm_sampler_lowers_the_restoration_loss(parity):
 
 
 def test_a_knob_the_sampler_lacks_is_an_error_naming_both():
-    with pytest.raises(ValueError, match="edm_euler.*order|order.*edm_euler"):
+    with pytest.raises(ValueError, match="order: sampler .edm_euler."):
         SAMPLERS["edm_euler"].check_knobs({"order": 2})
     with pytest.raises(ValueError, match=r"--order.*edm_euler"):
         SamplerOptions(name="edm_euler", order=2)

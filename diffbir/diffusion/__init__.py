@@ -4,7 +4,7 @@ from diffbir.diffusion.denoiser import GuidedModel, ModelDenoiser, rescaled_cfg_
 from diffbir.diffusion.grids import DpmSolverGrid, EdmGrid
 from diffbir.diffusion.guidance import RestorationGuidance, region_weight_map, with_guidance
 from diffbir.diffusion.noise import OfficialNoise, PerImageNoise, RecordedNoise, gaussian_noise
-from diffbir.diffusion.samplers import SAMPLERS, SamplerSpec, get_sampler
+from diffbir.diffusion.samplers import SAMPLERS, SamplerSpec
 from diffbir.diffusion.schedule import (
     NoiseLevel,
     NoiseSchedule,
@@ -32,7 +32,6 @@ __all__ = [
     "SpacedSchedule",
     "ddim_timesteps",
     "gaussian_noise",
-    "get_sampler",
     "region_weight_map",
     "rescale_zero_terminal_snr",
     "rescaled_cfg_scale",

@@ -538,14 +538,19 @@ class SamplerSpec:
     make_grid: GridBuilder
     knobs: tuple[str, ...] = ()
 
-    def check_knobs(self, knobs: Mapping[str, Any]) -> None:
-        """Raise a ValueError naming the sampler and every knob it does not have."""
-        unknown = sorted(set(knobs) - set(self.knobs))
-        if unknown:
-            has = ", ".join(self.knobs) or "none"
-            raise ValueError(
-                f"sampler {self.name!r} has no knob {', '.join(unknown)} (its knobs: {has})"
-            )
+    def check_knobs(
+        self, knobs: Mapping[str, Any], names: Mapping[str, str] | None = None
+    ) -> None:
+        """Raise a ValueError naming the sampler and the first knob it does not have
+        (``names``: how to call each knob in the message, e.g. its CLI flag)."""
+        names = names or {}
+        for knob in knobs:
+            if knob not in self.knobs:
+                has = ", ".join(names.get(k, k) for k in self.knobs) or "none"
+                raise ValueError(
+                    f"{names.get(knob, knob)}: sampler {self.name!r} has no such knob "
+                    f"(its knobs: {has})"
+                )
 
 
 def _spec(name: str, fn: Callable[..., Tensor], make_grid: GridBuilder, knobs=()) -> SamplerSpec:
@@ -571,10 +576,3 @@ SAMPLERS: dict[str, SamplerSpec] = {
         _spec("edm_dpm++_3m_sde", sample_edm_dpmpp_3m_sde, EdmGrid.from_base, ANCESTRAL_KNOBS),
     )
 }
-
-
-def get_sampler(name: str) -> SamplerSpec:
-    """The registry entry ``name`` (ValueError listing the known names)."""
-    if name not in SAMPLERS:
-        raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {name!r}")
-    return SAMPLERS[name]

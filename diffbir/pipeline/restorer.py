@@ -195,14 +195,12 @@ class SamplerOptions:
     def __post_init__(self) -> None:
         if self.name not in SAMPLERS:
             raise ValueError(f"--sampler: expected one of {', '.join(SAMPLERS)}, got {self.name!r}")
-        spec = SAMPLERS[self.name]
+        SAMPLERS[self.name].check_knobs(self.knobs, SAMPLER_KNOB_FLAGS)
         for knob, value in self.knobs.items():
-            flag = SAMPLER_KNOB_FLAGS[knob]
-            if knob not in spec.knobs:
-                has = ", ".join(SAMPLER_KNOB_FLAGS[k] for k in spec.knobs) or "none"
-                raise ValueError(f"{flag}: sampler {self.name!r} has no such knob (its: {has})")
             if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{flag}: expected a finite value >= 0, got {value}")
+                raise ValueError(
+                    f"{SAMPLER_KNOB_FLAGS[knob]}: expected a finite value >= 0, got {value}"
+                )
         if self.order is not None and (int(self.order) != self.order or self.order < 1):
             raise ValueError(f"--order: expected an integer >= 1, got {self.order}")
         if self.start_point not in START_POINTS:
