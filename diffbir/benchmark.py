@@ -31,6 +31,7 @@ from diffbir.config import build_model, load_config
 from diffbir.diffusion import SAMPLERS, GuidedModel
 from diffbir.pipeline import (
     DEFAULT_NEG_PROMPT,
+    TASKS,
     RestoreOptions,
     Restorer,
     SamplerOptions,
@@ -106,10 +107,8 @@ def build_models(config: str, stage1: str) -> tuple[torch.nn.Module, Stage1]:
     suffix = "_tiny" if config == "tiny" else ""
     cldm = build_model(load_config(f"control_ldm{suffix}"))
     model = build_model(load_config(f"{stage1}{suffix}"))
-    resize_first = stage1 != "bsrnet"
-    return cldm, Stage1(
-        model, resize_first=resize_first, pad_multiple=64 if stage1 == "swinir" else 1
-    )
+    task = next(t for t in TASKS.values() if t.stage1_config == stage1)
+    return cldm, Stage1(model, resize_first=task.resize_first, enlarge_first=task.enlarge_first)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

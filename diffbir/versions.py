@@ -42,14 +42,17 @@ class Stage1Spec:
 
     ``resize_first``: the LQ image is resized to the output size before the model (same-size
     cleaners: SwinIR, SCUNet); otherwise the model's output is resized (BSRNet, x4).
+    ``enlarge_first``: a short side below 512 is enlarged before the model (SwinIR) rather than
+    after it (see :class:`~diffbir.pipeline.restorer.Stage1`).
     """
 
     config: str
     file: str
     resize_first: bool
+    enlarge_first: bool = False
 
 
-SWINIR_FACE = Stage1Spec("swinir", "face_swinir_v1.ckpt", resize_first=True)
+SWINIR_FACE = Stage1Spec("swinir", "face_swinir_v1.ckpt", resize_first=True, enlarge_first=True)
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,8 @@ VERSIONS: Mapping[str, ModelVersion] = MappingProxyType(
                     _per_task("v1_general.pth", "v1_face.pth"), "v1_general.pth"
                 ),
                 stage1=_per_task(
-                    Stage1Spec("swinir", "general_swinir_v1.ckpt", resize_first=True), SWINIR_FACE
+                    Stage1Spec("swinir", "general_swinir_v1.ckpt", True, enlarge_first=True),
+                    SWINIR_FACE,
                 ),
                 parameterization="eps",
                 zero_terminal_snr=False,
@@ -144,7 +148,9 @@ VERSIONS: Mapping[str, ModelVersion] = MappingProxyType(
                     _per_task("DiffBIR_v2.1.pt", "DiffBIR_v2.1.pt"), "DiffBIR_v2.1.pt"
                 ),
                 stage1=_per_task(
-                    Stage1Spec("swinir", "realesrgan_s4_swinir_100k.pth", resize_first=True),
+                    Stage1Spec(
+                        "swinir", "realesrgan_s4_swinir_100k.pth", True, enlarge_first=True
+                    ),
                     SWINIR_FACE,
                 ),
                 parameterization="v",

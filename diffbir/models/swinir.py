@@ -221,8 +221,9 @@ class SwinIR(nn.Module):
     """SwinIR with DiffBIR's modifications (pixel-unshuffle input, nearest+conv upsampling).
 
     Input: ``(B, in_chans, H, W)`` in ``[0, 1]``. The image is reflect-padded so that the feature
-    map is a multiple of the window size (with DiffBIR's settings the caller pads to a multiple of
-    64, so nothing is padded); the output is cropped back to ``(H, W) * sf / unshuffle_scale``.
+    map is a multiple of the window size; the official callers zero-pad to :attr:`size_multiple`
+    (64 with DiffBIR's settings), so nothing is padded here. The output is cropped back to
+    ``(H, W) * sf / unshuffle_scale``.
     """
 
     def __init__(
@@ -292,6 +293,11 @@ class SwinIR(nn.Module):
         self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
         self.apply(init_transformer_weights)
 
+    @property
+    def size_multiple(self) -> int:
+        """Callers pad inputs to this multiple (pixel unshuffle x window size) with zeros."""
+        return self.window_size * self.unshuffle_scale
+
     def forward_features(self, x: Tensor) -> Tensor:
         """Residual Swin groups on a ``(B, C, h, w)`` feature map."""
         b, c, h, w = x.shape
@@ -302,7 +308,7 @@ class SwinIR(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
-        multiple = self.window_size * self.unshuffle_scale
+        multiple = self.size_multiple
         pad_h, pad_w = (-h) % multiple, (-w) % multiple
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")

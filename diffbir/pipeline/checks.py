@@ -12,7 +12,15 @@ from pathlib import Path
 
 import torch
 
-from diffbir.pipeline.restorer import LATENT_FACTOR, RestoreOptions, stage2_size, target_size
+from diffbir.pipeline.resize import short_side_size
+from diffbir.pipeline.restorer import LATENT_FACTOR, RestoreOptions, target_size
+
+
+def _work_size(height: int, width: int, min_side: int) -> tuple[int, int]:
+    """The stage-2 size of an output of ``height`` x ``width`` (short side at least min_side)."""
+    if min(height, width) >= min_side:
+        return height, width
+    return short_side_size(height, width, min_side)
 
 GIB = 1024**3
 # Lower bounds of the bytes per pixel (per image, per byte of the working dtype) that must be
@@ -55,7 +63,7 @@ def estimate_memory(
     """A lower bound of the bytes restoring ``count`` images of ``height`` x ``width`` needs at
     once (batch size x samples), beyond the model weights."""
     out_h, out_w = target_size(height, width, options.upscale)
-    work_h, work_w = stage2_size(out_h, out_w, options.min_side)
+    work_h, work_w = _work_size(out_h, out_w, options.min_side)
     tiled = options.tiles.diffusion is not None
     multiple = LATENT_FACTOR if tiled else 64
     pixels = (work_h + (-work_h) % multiple) * (work_w + (-work_w) % multiple)
@@ -78,7 +86,7 @@ def memory_problem(
     if need <= limit:
         return None
     out_h, out_w = target_size(height, width, options.upscale)
-    work_h, work_w = stage2_size(out_h, out_w, options.min_side)
+    work_h, work_w = _work_size(out_h, out_w, options.min_side)
     untiled = options.tiles.diffusion is None or options.tiles.vae_decoder is None
     fix = "add --tiled or use a" if untiled else "use a"
     return (

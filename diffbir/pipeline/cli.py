@@ -2,7 +2,8 @@
 
 Bad input files are reported and skipped, outputs are written atomically and existing ones
 are skipped (so an interrupted run resumes), and each image's seed is derived from the run seed
-and its path relative to the input, so results do not depend on order or batch size.
+and its path relative to the input, so results do not depend on order or batch size
+(``--seed-mode official`` draws from one stream in file order instead, as the official code).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from diffbir.checkpoint import CheckpointError
+from diffbir.diffusion.noise import OfficialNoise
 from diffbir.diffusion.samplers import SAMPLERS
 from diffbir.files import check_output_folder, remove_stale_temp_files
 from diffbir.pipeline.checks import blocking_file
@@ -28,8 +31,10 @@ from diffbir.pipeline.color import COLOR_FIXES
 from diffbir.pipeline.device import add_device_arguments, resolve_device, retain_cpu_heap
 from diffbir.pipeline.image_io import (
     IMAGE_EXTENSIONS,
+    ImageReadError,
     list_inputs,
     read_image,
+    to_tensor,
     write_png,
     write_text,
 )
@@ -44,6 +49,7 @@ from diffbir.pipeline.predict import (
 )
 from diffbir.pipeline.presets import (
     CONFIG_FILE,
+    SEED_MODES,
     TILED,
     InferenceConfig,
     build_from_config,
@@ -57,9 +63,13 @@ from diffbir.pipeline.restorer import (
     SAMPLER_KNOB_FLAGS,
     START_POINTS,
     VAE_SHARED_NORM,
+    RestoreOptions,
+    Restorer,
     TileOptions,
+    latent_size,
 )
 from diffbir.pipeline.samples import SAMPLE_NAMES, load_sample
+from diffbir.pipeline.tiling import TILE_WEIGHTS
 from diffbir.versions import DEFAULT_VERSION, TASKS, VERSION_NAMES
 from diffbir.weights import WEIGHTS_ENV, MissingWeightsError
 
@@ -127,6 +137,7 @@ FLAG_KEYS = {
     "task": "task",
     "prompts": "prompts",
     "seed": "seed",
+    "seed_mode": "seed_mode",
     "num_samples": "num_samples",
     "batch_size": "batch_size",
     "precision": "precision",
@@ -159,6 +170,7 @@ FLAG_KEYS = {
     "diffusion_tile": "restore.tiles.diffusion",
     "diffusion_tile_stride": "restore.tiles.diffusion_stride",
     "vae_shared_norm": "restore.tiles.vae_shared_norm",
+    "tile_weights": "restore.tiles.weights",
     "sampler": "restore.sampler.name",
     **{knob: f"restore.sampler.{knob}" for knob in SAMPLER_KNOB_FLAGS},
     "rescale_cfg": "restore.sampler.rescale_cfg",
@@ -236,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--seed", type=int, help=f"run seed (per-image seeds derive from it) {_default('seed')}"
     )
+    r.add_argument(
+        "--seed-mode",
+        choices=SEED_MODES,
+        help="per-image: each image's noise from a seed derived from --seed and its path (order "
+        "and batch independent); official: one stream seeded once with --seed, drawn image by "
+        "image in file-name order, as the official code (reproduces its outputs) "
+        + _default("seed_mode"),
+    )
     r.add_argument("--color-fix", choices=COLOR_FIXES, help=_default("restore.color_fix"))
     r.add_argument(
         "--min-side",
@@ -307,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiled VAE parts whose GroupNorms use whole-image statistics (one extra pass) "
         + _default("restore.tiles.vae_shared_norm"),
     )
+    t.add_argument(
+        "--tile-weights",
+        choices=sorted(TILE_WEIGHTS),
+        help="tile blending weights: wide (Gaussian, sigma 0.25 tile) or official (sigma 0.1) "
+        + _default("restore.tiles.weights"),
+    )
 
     device = p.add_argument_group("device")
     add_device_arguments(device)
@@ -337,7 +363,7 @@ def flag_values(args: argparse.Namespace) -> dict[str, object]:
     if args.tiled:
         for f in dataclasses.fields(TileOptions):
             key = f"restore.tiles.{f.name}"
-            if key not in flags and f.name != "vae_shared_norm":
+            if key not in flags and f.name not in ("vae_shared_norm", "weights"):
                 flags[key] = getattr(TILED, f.name)
     if args.no_progress:
         flags["restore.progress"] = False
@@ -516,6 +542,63 @@ def record_run(
     write_text(prompts_path, prompts_csv(rows))
 
 
+def draws_per_restoration(restorer: Restorer, options: RestoreOptions) -> int:
+    """How many draws one restoration takes from its noise source: x_T, the noise augmentation
+    and the sampler's (counted by running the sampler on a one-pixel latent)."""
+    sampler, count = options.sampler, [0]
+
+    def counting(like: torch.Tensor, *levels: object) -> torch.Tensor:
+        count[0] += 1
+        return torch.zeros_like(like)
+
+    grid = restorer.grid(sampler.name, options.steps)
+    SAMPLERS[sampler.name].fn(
+        lambda x, level: torch.zeros_like(x), torch.zeros(1, 1, 1, 1), grid,
+        noise=counting, **sampler.knobs,
+    )  # fmt: skip
+    return count[0] + 1 + (sampler.noise_aug > 0)
+
+
+def _run_official(
+    restorer: Restorer,
+    jobs: list[Job],
+    todo: list[Job],
+    cfg: InferenceConfig,
+    prompts: dict[str, str],
+    report: Report,
+) -> None:
+    """``--seed-mode official``: ``torch.manual_seed(--seed)`` once, then every image in file
+    order, one sample at a time, each drawing from that one stream in the official order. A
+    finished image is not redone, but its draws are taken from the stream, so that the images
+    after it get the noise of a complete run."""
+    options = cfg.restore
+    noise = OfficialNoise(cfg.seed)
+    pending = {id(job) for job in todo}
+    last = max(i for i, job in enumerate(jobs) if id(job) in pending)
+    for job in tqdm(jobs[: last + 1], desc="images", unit="img", disable=not options.progress):
+        try:
+            lq = to_tensor(job.load())
+        except ImageReadError as err:
+            if id(job) in pending:
+                report.fail(job.source, err.reason)
+            continue  # the official code cannot read it either: no draws
+        if id(job) not in pending:
+            cond = restorer.stage1(lq, options)
+            like = torch.empty(1, 4, *latent_size(*cond.shape[-2:], options.tiles))
+            for _ in range(cfg.num_samples * draws_per_restoration(restorer, options)):
+                noise(like)
+            continue
+        try:
+            for k, path in enumerate(job.outputs):
+                result = restorer.restore(lq, [[cfg.seed]], options, [prompts[job.stem]], noise)
+                if k == 0 and job.stage1_output is not None:
+                    write_png(job.stage1_output, result.stage1[0])
+                write_png(path, result.images[0])
+            report.restored.append(job.source)
+        except (RuntimeError, ValueError, OSError) as err:
+            report.fail(job.source, f"restoration failed: {err}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a parsed command line; returns the exit status.
 
@@ -554,6 +637,14 @@ def run(args: argparse.Namespace) -> int:
         restorer = build_from_config(cfg, placement_device(device, processes))
         job_prompt = {job.key: prompts[job.stem] for job in jobs}
         recipe = Recipe(cfg.restore, cfg.seed, cfg.num_samples, derive_seed, job_prompt)
+        if cfg.seed_mode == "official":
+            if processes > 1:
+                raise ValueError(
+                    "--seed-mode official: one noise stream in file order needs one process"
+                )
+            _run_official(restorer, jobs, todo, cfg, prompts, report)
+            print(report.summary())
+            return 1 if report.failed else 0
         if processes > 1:
             return run_distributed(
                 args, restorer, todo, jobs, recipe, report, device, cfg.batch_size

@@ -177,12 +177,12 @@ def build_restorer(
         cfg = load_config(stage1_config)
         model = build_model(cfg, source=str(stage1_config))
         load_weights(model, read_state_dict(paths.stage1), str(paths.stage1))
-        name = OmegaConf.select(cfg, "name")
+        # our RM (version custom) is a same-size SwinIR, trained on LQ at the HQ size
+        same_size = version.name == CUSTOM
         stage1 = Stage1(
             model=model,
-            # our RM (version custom) is a same-size cleaner, trained on LQ at the HQ size
-            resize_first=spec.resize_first if spec else version.name == CUSTOM,
-            pad_multiple=64 if name == "swinir" else 1,
+            resize_first=spec.resize_first if spec else same_size,
+            enlarge_first=spec.enlarge_first if spec else same_size,
         )
     schedule = NoiseSchedule.linear(zero_terminal_snr=version.zero_terminal_snr)
     return Restorer(

@@ -67,6 +67,10 @@ class WeightsConfig:
     train_config: str | None = None
 
 
+# --seed-mode: a seed per image (ours), or the official single stream in file order
+SEED_MODES = ("per-image", "official")
+
+
 @dataclass
 class InferenceConfig:
     """Everything that decides the outputs of ``diffbir-infer`` (input and output folders
@@ -75,6 +79,7 @@ class InferenceConfig:
     version: str = DEFAULT_VERSION
     task: str = "sr"
     seed: int = 231
+    seed_mode: str = "per-image"
     num_samples: int = 1
     batch_size: int = 1
     precision: str = "fp32"
@@ -94,6 +99,13 @@ class InferenceConfig:
             raise ValueError(f"--num-samples: expected >= 1, got {self.num_samples}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size: expected >= 1, got {self.batch_size}")
+        if self.seed_mode not in SEED_MODES:
+            raise ValueError(f"--seed-mode: expected one of {SEED_MODES}, got {self.seed_mode!r}")
+        if self.seed_mode == "official" and self.batch_size != 1:
+            raise ValueError(
+                "--batch-size: --seed-mode official restores image by image, expected 1, "
+                f"got {self.batch_size}"
+            )
         if self.weights.train_config and self.version != CUSTOM:
             raise ValueError(
                 f"--train-config is for --version custom, but --version {self.version} is selected"

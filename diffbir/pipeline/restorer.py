@@ -1,12 +1,13 @@
 """The two-stage restoration pipeline on image tensors.
 
-Stage 1 (a cleaner such as BSRNet, SCUNet or SwinIR) removes the degradations; its output,
-resized to ``upscale`` x the input size, is the condition of stage 2: sampling of SD 2.1 +
-IRControlNet with any sampler of :data:`~diffbir.diffusion.samplers.SAMPLERS`, classifier-free
-guidance, optional restoration guidance, and optional colour correction. Size rules of the
-paper: a condition whose short side is below ``min_side`` (512) is enlarged for stage 2 and the
-result resized back; stage-2 inputs are zero-padded to a multiple of 64 (8 when the diffusion
-is tiled) and cropped after decoding.
+Stage 1 (a cleaner such as BSRNet, SCUNet or SwinIR) removes the degradations; its output is the
+condition of stage 2: sampling of SD 2.1 + IRControlNet with any sampler of
+:data:`~diffbir.diffusion.samplers.SAMPLERS`, classifier-free guidance, optional restoration
+guidance, then the colour fix and the resize to the output size. Sizes, resizes, padding and
+clamps are the official ones (SPEC "Image sizes", :mod:`.resize`): the output is
+``int(upscale * size)``; the condition is enlarged so that its short side is at least
+``min_side`` (512); stage-2 inputs are zero-padded to a multiple of 64 (8 when the VAE encoder or
+the diffusion is tiled) and cropped after decoding; nothing is clamped before the final image.
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ from diffbir.diffusion.noise import NoiseSource, PerImageNoise
 from diffbir.diffusion.samplers import SAMPLERS
 from diffbir.diffusion.schedule import NoiseSchedule, Parameterization, check_parameterization
 from diffbir.pipeline.color import COLOR_FIXES, color_fix
-from diffbir.pipeline.tiling import TiledGuidance, TiledModel, run_tiled
+from diffbir.pipeline.resize import (
+    enlarge_short_side,
+    pad_to_multiple,
+    resize_bicubic,
+    resize_pil_bicubic,
+    scaled_size,
+    short_side_size,
+)
+from diffbir.pipeline.tiling import TILE_WEIGHTS, TiledGuidance, TiledModel, run_tiled
 from diffbir.versions import V2_NEG_PROMPT
 
 DEFAULT_NEG_PROMPT = V2_NEG_PROMPT  # RestoreOptions defaults are the paper's (v2)
@@ -129,8 +138,14 @@ class TileOptions:
     diffusion_stride: int | None = None
     # VAE parts whose GroupNorms use whole-image statistics when tiled (see run_tiled)
     vae_shared_norm: str = "encoder"
+    # blending weights of overlapping tiles (tiling.TILE_WEIGHTS)
+    weights: str = "wide"
 
     def __post_init__(self) -> None:
+        if self.weights not in TILE_WEIGHTS:
+            raise ValueError(
+                f"--tile-weights: expected one of {sorted(TILE_WEIGHTS)}, got {self.weights!r}"
+            )
         if self.vae_shared_norm not in VAE_SHARED_NORM:
             raise ValueError(
                 f"--vae-shared-norm: expected one of {VAE_SHARED_NORM}, "
@@ -227,7 +242,7 @@ class RestoreOptions:
     neg_prompt: str = DEFAULT_NEG_PROMPT
     strength: float = 1.0
     guidance: GuidanceOptions = field(default_factory=GuidanceOptions)
-    color_fix: str = "none"
+    color_fix: str = "wavelet"
     min_side: int = 512
     tiles: TileOptions = field(default_factory=TileOptions)
     sampler: SamplerOptions = field(default_factory=SamplerOptions)
@@ -244,22 +259,25 @@ class RestoreOptions:
 
 @dataclass
 class Stage1:
-    """A stage-1 cleaner (``None``: the input is only resized).
+    """A stage-1 cleaner (``None``: the input is only resized), run as the official code runs it.
 
-    ``resize_first``: resize the input to the target size before the model (same-size cleaners
-    of the v2 denoise/face tasks) instead of resizing the model's output (BSRNet x4).
-    ``pad_multiple``: the model needs sides that are multiples of this (SwinIR: 64); the input
-    is reflect-padded and the output cropped back.
+    ``resize_first``: a same-size cleaner (SwinIR, SCUNet): the input is first resized to the
+    output size (PIL bicubic on the 8-bit image); otherwise (BSRNet x4) the model's output is
+    resized, once, to the stage-2 size. ``enlarge_first``: a condition whose short side is below
+    ``min_side`` is enlarged before the model (SwinIR, when not tiled) instead of after it.
+    The model's ``size_multiple`` attribute (default 1; SwinIR: 64) is the multiple its input
+    is zero-padded to; the output is cropped back.
     """
 
     model: nn.Module | None
     resize_first: bool = False
-    pad_multiple: int = 1
+    enlarge_first: bool = False
 
 
 @dataclass
 class RestoreResult:
-    """``stage1``: (B, 3, H, W); ``samples``: (B, S, 3, H, W), all in [0, 1], float32, CPU."""
+    """``stage1``: the stage-1 condition resized to the output size (B, 3, H, W);
+    ``samples``: (B, S, 3, H, W); all in [0, 1], float32, CPU."""
 
     stage1: Tensor
     samples: Tensor
@@ -270,25 +288,28 @@ class RestoreResult:
         return self.samples[:, 0]
 
 
-def _resize(img: Tensor, size: tuple[int, int]) -> Tensor:
-    if tuple(img.shape[-2:]) == size:
-        return img
-    antialias = size[0] < img.shape[-2] or size[1] < img.shape[-1]
-    return F.interpolate(img, size=size, mode="bicubic", antialias=antialias).clamp(0, 1)
-
-
 def target_size(height: int, width: int, upscale: float) -> tuple[int, int]:
-    """The output size for an input of ``height`` x ``width``."""
-    return max(1, round(height * upscale)), max(1, round(width * upscale))
+    """The output size for an input of ``height`` x ``width`` (official: truncated)."""
+    return scaled_size(height, width, upscale)
 
 
-def stage2_size(height: int, width: int, min_side: int) -> tuple[int, int]:
-    """The size stage 2 works at: enlarged so that the short side is at least ``min_side``."""
-    short = min(height, width)
-    if short >= min_side:
-        return height, width
-    scale = min_side / short
-    return max(min_side, round(height * scale)), max(min_side, round(width * scale))
+def pad_multiple(tiles: TileOptions) -> int:
+    """Stage-2 condition images are zero-padded to this multiple: 64, or 8 when the VAE encoder
+    or the diffusion is tiled (official)."""
+    return LATENT_FACTOR if tiles.vae_encoder is not None or tiles.diffusion is not None else 64
+
+
+def latent_size(
+    height: int, width: int, tiles: TileOptions, sampled: bool = True
+) -> tuple[int, int]:
+    """The latent size of a condition of ``height`` x ``width`` zero-padded to
+    :func:`pad_multiple`; ``sampled``: the size sampled at, where (official) the latent is also
+    zero-padded to a multiple of 8 unless the diffusion is tiled."""
+    multiple = pad_multiple(tiles)
+    size = [-(-side // multiple) * multiple // LATENT_FACTOR for side in (height, width)]
+    if sampled and tiles.diffusion is None:
+        size = [-(-side // 8) * 8 for side in size]
+    return size[0], size[1]
 
 
 class Restorer:
@@ -319,42 +340,52 @@ class Restorer:
 
     # ----- stage 1 -----
     def _clean(self, x: Tensor) -> Tensor:
-        model, multiple = self.stage1_spec.model, self.stage1_spec.pad_multiple
+        model = self.stage1_spec.model
         height, width = x.shape[-2:]
-        pad_h, pad_w = (-height) % multiple, (-width) % multiple
-        if pad_h or pad_w:
-            mode = "reflect" if pad_h < height and pad_w < width else "replicate"
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
-        y = model(x.to(self.dtype)).float()
-        out_h = round(height * y.shape[-2] / x.shape[-2])
-        out_w = round(width * y.shape[-1] / x.shape[-1])
+        padded = pad_to_multiple(x, getattr(model, "size_multiple", 1))
+        y = model(padded.to(self.dtype)).float()
+        out_h = round(height * y.shape[-2] / padded.shape[-2])
+        out_w = round(width * y.shape[-1] / padded.shape[-1])
         return y[..., :out_h, :out_w]
 
     @torch.no_grad()
     def stage1(self, lq: Tensor, options: RestoreOptions) -> Tensor:
-        """Stage-1 output (B, 3, round(H*upscale), round(W*upscale)) in [0, 1], float32."""
+        """The condition of stage 2 (B, 3, h, w), float32, not clamped: the stage-1 output at
+        the output size, its short side enlarged to ``options.min_side`` if shorter."""
         lq = lq.to(device=self.device, dtype=torch.float32)
         size = target_size(*lq.shape[-2:], options.upscale)
-        if self.stage1_spec.model is None:
-            return _resize(lq, size)
-        tiles = options.tiles
-        if self.stage1_spec.resize_first:
-            lq = _resize(lq, size)
-        out = run_tiled(self._clean, lq, tiles.stage1, tiles.stage1_stride).clamp(0, 1)
-        return _resize(out, size)
+        spec, min_side = self.stage1_spec, options.min_side
+        if spec.model is None or spec.resize_first:
+            lq = resize_pil_bicubic(lq, size)
+        if spec.model is None:
+            return enlarge_short_side(lq, min_side)
+        tile = options.tiles.stage1
+        if tile is not None and min(lq.shape[-2:]) < tile:
+            tile = None  # as the official: an input smaller than a tile is not tiled
+        if spec.enlarge_first and tile is None:
+            lq = enlarge_short_side(lq, min_side)
+        weight = TILE_WEIGHTS[options.tiles.weights]
+        out = run_tiled(self._clean, lq, tile, options.tiles.stage1_stride, weight=weight)
+        if spec.resize_first:
+            return enlarge_short_side(out, min_side)
+        if min(size) < min_side:
+            return resize_bicubic(out, short_side_size(*out.shape[-2:], min_side))
+        return resize_bicubic(out, size)
 
     # ----- VAE -----
     def _encode(self, image: Tensor, tiles: TileOptions) -> Tensor:
         tile = tiles.vae_encoder
         stride = None if tile is None else max(8, tile * 3 // 4 // 8 * 8)
         shared = self.cldm.vae.encoder if tiles.vae_shared_norm in ("encoder", "both") else None
-        return run_tiled(self.cldm.vae_encode, image, tile, stride, LATENT_FACTOR, shared)
+        weight = TILE_WEIGHTS[tiles.weights]
+        return run_tiled(self.cldm.vae_encode, image, tile, stride, LATENT_FACTOR, shared, weight)
 
     def _decode(self, z: Tensor, tiles: TileOptions) -> Tensor:
         tile = None if tiles.vae_decoder is None else tiles.vae_decoder // LATENT_FACTOR
         stride = None if tile is None else max(1, tile * 3 // 4)
         shared = self.cldm.vae.decoder if tiles.vae_shared_norm in ("decoder", "both") else None
-        return run_tiled(self.cldm.vae_decode, z, tile, stride, shared_norms=shared)
+        weight = TILE_WEIGHTS[tiles.weights]
+        return run_tiled(self.cldm.vae_decode, z, tile, stride, shared_norms=shared, weight=weight)
 
     # ----- stage 2 -----
     def grid(self, sampler: str, steps: int) -> Grid:
@@ -394,6 +425,7 @@ class Restorer:
             latent_hw,
             tile // f,
             stride // f,
+            TILE_WEIGHTS[options.tiles.weights],
         )
 
     def _model_fn(self, options: RestoreOptions) -> ConditionalModel:
@@ -404,7 +436,8 @@ class Restorer:
         if tile is None:
             return model_fn
         stride = options.tiles.diffusion_stride or max(LATENT_FACTOR, tile // 2)
-        return TiledModel(model_fn, tile // LATENT_FACTOR, stride // LATENT_FACTOR)
+        weight = TILE_WEIGHTS[options.tiles.weights]
+        return TiledModel(model_fn, tile // LATENT_FACTOR, stride // LATENT_FACTOR, weight)
 
     def _text_condition(self, pos_prompts: Sequence[str], neg_prompt: str) -> tuple[Tensor, Tensor]:
         """Text embeddings (N, 77, C) per item and of the negative prompt (1, 77, C), each
@@ -422,21 +455,49 @@ class Restorer:
     @torch.no_grad()
     def stage2(
         self,
-        cond01: Tensor,
+        cond: Tensor,
+        seeds: Sequence[int],
+        options: RestoreOptions,
+        size: tuple[int, int] | None = None,
+        pos_prompts: Sequence[str] | None = None,
+        noise: NoiseSource | None = None,
+    ) -> Tensor:
+        """One restoration per condition image (N, 3, h, w) (the output of :meth:`stage1`):
+        :meth:`sample`, then :meth:`finish` at ``size`` (default h x w); in [0, 1]."""
+        z = self.sample(cond, seeds, options, pos_prompts, noise)
+        return self.finish(z, cond, options, size)
+
+    @torch.no_grad()
+    def condition_latent(self, cond: Tensor, options: RestoreOptions) -> Tensor:
+        """The condition latent (c_img) of condition images (N, 3, h, w), float32, padded as the
+        official pads it (:func:`latent_size`)."""
+        tiles = options.tiles
+        cond = cond.to(device=self.device, dtype=torch.float32)
+        latent = self._encode(pad_to_multiple(cond, pad_multiple(tiles)) * 2 - 1, tiles)
+        height, width = latent_size(*cond.shape[-2:], tiles)
+        return F.pad(latent, (0, width - latent.shape[-1], 0, height - latent.shape[-2]))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: Tensor,
         seeds: Sequence[int],
         options: RestoreOptions,
         pos_prompts: Sequence[str] | None = None,
         noise: NoiseSource | None = None,
+        trace: dict[str, Tensor] | None = None,
     ) -> Tensor:
-        """Sample one restoration per condition image (N, 3, H, W) in [0, 1], seed per item.
+        """The final latents (padding cropped) for condition images (N, 3, h, w), seed per item.
 
         ``pos_prompts``: one positive prompt per item (default: ``options.pos_prompt``).
-        ``noise`` (default: :class:`PerImageNoise` of ``seeds``) gives x_T, then the noise
-        augmentation, then the sampler's draws, in the official order. The denoiser is built as
-        a fixed chain: model (tiled when asked) -> classifier-free guidance (one batched
-        forward) -> eps/v to x0 -> restoration guidance on x0; then one registry call.
+        ``noise`` (default: :class:`PerImageNoise` of ``seeds``; the official seed mode passes
+        :class:`~diffbir.diffusion.noise.OfficialNoise`) gives x_T, then the noise augmentation,
+        then the sampler's draws, in the official order. The denoiser is built as a fixed chain:
+        model (tiled when asked) -> classifier-free guidance (one batched forward) -> eps/v to
+        x0 -> restoration guidance on x0; then one registry call. ``trace`` (if given) receives
+        the padded condition latent ``cond_latent`` and ``x_T``.
         """
-        count, _, height, width = cond01.shape
+        count, _, height, width = cond.shape
         if len(seeds) != count:
             raise ValueError(f"{len(seeds)} seeds for {count} condition images")
         if pos_prompts is None:
@@ -445,27 +506,29 @@ class Restorer:
             raise ValueError(f"{len(pos_prompts)} prompts for {count} condition images")
         noise = noise or PerImageNoise(seeds)
         sampler = options.sampler
-        cond01 = cond01.to(device=self.device, dtype=torch.float32)
-        work_h, work_w = stage2_size(height, width, options.min_side)
-        cond_work = _resize(cond01, (work_h, work_w))
-        multiple = LATENT_FACTOR if options.tiles.diffusion is not None else 64
-        pad_h, pad_w = (-work_h) % multiple, (-work_w) % multiple
-        cond_pad = F.pad(cond_work, (0, pad_w, 0, pad_h))
-
-        latent = self._encode(cond_pad * 2 - 1, options.tiles)
+        cond = cond.to(device=self.device, dtype=torch.float32)
+        latent = self.condition_latent(cond, options)
+        f = LATENT_FACTOR  # the condition image zero-padded to the latent's size, as official
+        cond_pad = F.pad(cond, (0, f * latent.shape[-1] - width, 0, f * latent.shape[-2] - height))
         if sampler.start_point == "cond":
             x_T = self._diffused(latent, self.base_schedule.num_timesteps - 1, noise)
         else:
             x_T = noise(latent)
+        if trace is not None:
+            trace.update(cond_latent=latent, x_T=x_T)
         if sampler.noise_aug > 0:
             latent = self._diffused(latent, sampler.noise_aug, noise)
         pos_text, neg_text = self._text_condition(pos_prompts, options.neg_prompt)
-        cond = self.cldm.condition(pos_text, cond_pad, latent.to(self.dtype))
-        uncond = {**cond, "text": neg_text.expand(count, -1, -1)}
+        cond_dict = self.cldm.condition(pos_text, cond_pad, latent.to(self.dtype))
+        uncond = {**cond_dict, "text": neg_text.expand(count, -1, -1)}
 
         grid = self.grid(sampler.name, options.steps)
         model = GuidedModel(
-            self._model_fn(options), cond, uncond, options.cfg_scale, rescale=sampler.rescale_cfg
+            self._model_fn(options),
+            cond_dict,
+            uncond,
+            options.cfg_scale,
+            rescale=sampler.rescale_cfg,
         )
         denoise = ModelDenoiser(model, grid, self.parameterization)
         guidance = self._guidance(cond_pad, options, latent.shape[-2:])
@@ -477,10 +540,21 @@ class Restorer:
             z = SAMPLERS[sampler.name].fn(
                 denoise, x_T, grid, noise=noise, callback=lambda _: bar.update(), **sampler.knobs
             )
-        decoded = self._decode(z, options.tiles)
-        image = ((decoded + 1) / 2).clamp(0, 1)[..., :work_h, :work_w]
-        image = color_fix(image, cond_work, options.color_fix).clamp(0, 1)
-        return _resize(image, (height, width))
+        crop_h, crop_w = latent_size(height, width, options.tiles, sampled=False)
+        return z[..., :crop_h, :crop_w]
+
+    @torch.no_grad()
+    def finish(
+        self, z: Tensor, cond: Tensor, options: RestoreOptions, size: tuple[int, int] | None = None
+    ) -> Tensor:
+        """Final latents -> images in [0, 1] at ``size`` (default: the condition's size), as the
+        official code: decode, crop the padding, colour-fix towards the (unclamped) condition
+        ``cond``, resize (bicubic, antialiased), and clamp only then."""
+        cond = cond.to(device=self.device, dtype=torch.float32)
+        height, width = cond.shape[-2:]
+        decoded = self._decode(z, options.tiles)[..., :height, :width]
+        image = color_fix((decoded + 1) / 2, cond, options.color_fix)
+        return resize_bicubic(image, size or (height, width)).clamp(0, 1)
 
     def restore(
         self,
@@ -488,17 +562,20 @@ class Restorer:
         seeds: Sequence[int | Sequence[int]],
         options: RestoreOptions,
         pos_prompts: Sequence[str] | None = None,
+        noise: NoiseSource | None = None,
     ) -> RestoreResult:
         """Restore a batch (B, 3, H, W) in [0, 1].
 
         ``seeds[b]`` is the seed of input ``b`` (one sample) or a list of seeds (one per sample).
         ``pos_prompts[b]``: the positive prompt of input ``b`` (default: ``options.pos_prompt``).
+        ``noise``: see :meth:`sample`.
         """
         seeds = [[s] if isinstance(s, int) else list(s) for s in seeds]
         if len(seeds) != lq.shape[0] or len({len(s) for s in seeds}) > 1:
             raise ValueError("seeds: expected one list of equally many seeds per input image")
         samples = len(seeds[0])
-        clean = self.stage1(lq, options)
+        size = target_size(*lq.shape[-2:], options.upscale)
+        cond = self.stage1(lq, options)
         flat_seeds = [s for per_image in seeds for s in per_image]
         flat_prompts = None
         if pos_prompts is not None:
@@ -506,8 +583,9 @@ class Restorer:
                 raise ValueError("pos_prompts: expected one prompt per input image")
             flat_prompts = [p for p in pos_prompts for _ in range(samples)]
         out = self.stage2(
-            clean.repeat_interleave(samples, dim=0), flat_seeds, options, flat_prompts
+            cond.repeat_interleave(samples, dim=0), flat_seeds, options, size, flat_prompts, noise
         )
         return RestoreResult(
-            stage1=clean.cpu(), samples=out.cpu().view(lq.shape[0], samples, *out.shape[1:])
+            stage1=resize_bicubic(cond, size).clamp(0, 1).cpu(),
+            samples=out.cpu().view(lq.shape[0], samples, *out.shape[1:]),
         )

@@ -17,8 +17,10 @@ from diffbir.diffusion.denoiser import ConditionalModel
 from diffbir.diffusion.guidance import Guidance
 from diffbir.models.norm import SharedGroupNormStats
 
-# Standard deviation of the blending weight, as a fraction of the tile side.
+# Standard deviation of the blending weight, as a fraction of the tile side: ours ("wide") and
+# the official one (variance 0.01 of the side squared).
 SIGMA_FRACTION = 0.25
+OFFICIAL_SIGMA_FRACTION = 0.1
 
 Box = tuple[int, int, int, int]  # y0, y1, x0, x1
 
@@ -73,6 +75,27 @@ def gaussian_weight(height: int, width: int, device=None, dtype=torch.float32) -
     return torch.outer(axis(height), axis(width)).to(device=device, dtype=dtype)
 
 
+def official_gaussian_weight(height: int, width: int, device=None, dtype=torch.float32) -> Tensor:
+    """The official blending weight: sigma 0.1 of the side, the normal density's scale, rows
+    centred at ``height / 2`` and columns at ``(width - 1) / 2`` (as the official code does)."""
+
+    def axis(n: int, centre: float) -> Tensor:
+        sigma = OFFICIAL_SIGMA_FRACTION * n
+        pos = torch.arange(n, dtype=torch.float64) - centre
+        return torch.exp(-0.5 * (pos / sigma) ** 2) / (
+            math.sqrt(2 * math.pi) * OFFICIAL_SIGMA_FRACTION
+        )
+
+    return torch.outer(axis(height, height / 2), axis(width, (width - 1) / 2)).to(
+        device=device, dtype=dtype
+    )
+
+
+WeightFn = Callable[..., Tensor]
+# Blending weights by name (TileOptions.weights, --tile-weights).
+TILE_WEIGHTS: dict[str, WeightFn] = {"wide": gaussian_weight, "official": official_gaussian_weight}
+
+
 def run_tiled(
     fn: Callable[[Tensor], Tensor],
     x: Tensor,
@@ -80,6 +103,7 @@ def run_tiled(
     stride: int | None = None,
     align: int = 1,
     shared_norms: nn.Module | None = None,
+    weight: WeightFn = gaussian_weight,
 ) -> Tensor:
     """``fn`` over overlapping tiles of ``x`` (B, C, H, W), blended into one output.
 
@@ -92,14 +116,15 @@ def run_tiled(
     tiles records them, each pixel counted once (overlaps are split at their middle), and a
     second pass produces the output, at twice the compute. On the test VAE this brought tiled
     encodings closer to untiled ones; decodings were not (the decoder's mid-block attention,
-    cut at tile borders, dominates its tile error there).
+    cut at tile borders, dominates its tile error there). ``weight(h, w, device=)`` gives a
+    tile's blending weight (:data:`TILE_WEIGHTS`).
     """
     height, width = x.shape[-2:]
     if tile is None or (height <= tile and width <= tile):
         return fn(x).float()
     stride = stride or default_stride(tile, align)
     if shared_norms is None:
-        return _blend_tiles(fn, x, tile, stride, align)
+        return _blend_tiles(fn, x, tile, stride, align, weight)
     rows = tile_starts(height, tile, stride, align)
     cols = tile_starts(width, tile, stride, align)
     with SharedGroupNormStats(shared_norms) as stats:
@@ -110,11 +135,11 @@ def run_tiled(
                 fn(x[..., y : y + th, x0 : x0 + tw])
         stats.region = None
         stats.freeze()
-        return _blend_tiles(fn, x, tile, stride, align)
+        return _blend_tiles(fn, x, tile, stride, align, weight)
 
 
 def _blend_tiles(
-    fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, stride: int, align: int
+    fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, stride: int, align: int, weight: WeightFn
 ) -> Tensor:
     height, width = x.shape[-2:]
     out = weights = None
@@ -132,7 +157,7 @@ def _blend_tiles(
             raise ValueError(
                 f"tiled run: a {y1 - y0}x{x1 - x0} tile gave {oh}x{ow}; the scale must be fixed"
             )
-        w = gaussian_weight(oh, ow, device=piece.device)
+        w = weight(oh, ow, device=piece.device)
         out[..., oy0 : oy0 + oh, ox0 : ox0 + ow] += piece * w
         weights[oy0 : oy0 + oh, ox0 : ox0 + ow] += w
     return out / weights
@@ -161,9 +186,11 @@ class TileLayout:
     built once per grid size and reused at every sampling step (moved once to the device the
     blended tensors are on)."""
 
-    def __init__(self, height: int, width: int, tile: int, stride: int) -> None:
+    def __init__(
+        self, height: int, width: int, tile: int, stride: int, weight: WeightFn = gaussian_weight
+    ) -> None:
         self.boxes = tile_boxes(height, width, tile, stride)
-        self.weights = [gaussian_weight(y1 - y0, x1 - x0) for y0, y1, x0, x1 in self.boxes]
+        self.weights = [weight(y1 - y0, x1 - x0) for y0, y1, x0, x1 in self.boxes]
         self.total = torch.zeros(height, width)
         for (y0, y1, x0, x1), w in zip(self.boxes, self.weights, strict=True):
             self.total[y0:y1, x0:x1] += w
@@ -188,16 +215,19 @@ class TiledModel:
     noise prediction.
     """
 
-    def __init__(self, model_fn: ConditionalModel, tile: int, stride: int) -> None:
+    def __init__(
+        self, model_fn: ConditionalModel, tile: int, stride: int, weight: WeightFn = gaussian_weight
+    ) -> None:
         self.model_fn = model_fn
         self.tile = tile
         self.stride = stride
+        self.weight = weight
         self._layouts: dict[tuple[int, int], TileLayout] = {}
 
     def __call__(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         size = (x.shape[-2], x.shape[-1])
         if size not in self._layouts:
-            self._layouts[size] = TileLayout(*size, self.tile, self.stride)
+            self._layouts[size] = TileLayout(*size, self.tile, self.stride, self.weight)
         layout = self._layouts[size]
         if len(layout.boxes) == 1:
             return self.model_fn(x, t, cond)
@@ -223,8 +253,9 @@ class TiledGuidance:
         latent_size: tuple[int, int],
         tile: int,
         stride: int,
+        weight: WeightFn = gaussian_weight,
     ) -> None:
-        self.layout = TileLayout(*latent_size, tile, stride)
+        self.layout = TileLayout(*latent_size, tile, stride, weight)
         self.guides = [make(*box) for box in self.layout.boxes]
 
     def __call__(self, pred_x0: Tensor, t_model: float, coef1: float) -> Tensor:
