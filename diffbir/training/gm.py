@@ -34,8 +34,6 @@ from diffbir.training.common import TrainingTask, freeze, pad_to_multiple, psnr
 from diffbir.training.data import derive_seed
 
 TRAINED_PREFIX = "cldm.controlnet."
-# stage-1 models (SwinIR) need inputs padded to a multiple of 64; outputs are cropped back.
-STAGE1_INPUT_MULTIPLE = 64
 
 
 def load_stage1(config: str, weights: str) -> nn.Module:
@@ -123,7 +121,8 @@ class GenerationModuleTask(TrainingTask):
         image = lq
         if self.stage1 is not None:
             h, w = lq.shape[-2:]
-            image = self.stage1(pad_to_multiple(lq, STAGE1_INPUT_MULTIPLE))[..., :h, :w]
+            multiple = getattr(self.stage1, "size_multiple", 1)  # SwinIR: 64
+            image = self.stage1(pad_to_multiple(lq, multiple))[..., :h, :w]
             image = image.clamp(0, 1)
         return image, self.cldm.prepare_condition(image, list(prompts))
 

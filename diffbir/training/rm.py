@@ -15,9 +15,6 @@ from diffbir.config import build_model, load_config
 from diffbir.training.common import TrainingTask, pad_to_multiple, psnr, ssim
 from diffbir.training.data import TrainingSetupError
 
-# SwinIR's pixel unshuffle (x8) and window 8 need inputs padded to a multiple of 64 by the caller.
-INPUT_MULTIPLE = 64
-
 
 class RestorationModuleTask(TrainingTask):
     """RM training: ``I_RM = RM(I_lq)``, loss ``||I_RM - I_hq||^2`` (mean squared error).
@@ -43,7 +40,8 @@ class RestorationModuleTask(TrainingTask):
     def forward(self, lq: Tensor) -> Tensor:
         """The restored image for ``lq`` in [0, 1] of any size (padded and cropped back)."""
         h, w = lq.shape[-2:]
-        return self.model(pad_to_multiple(lq, INPUT_MULTIPLE))[..., :h, :w]
+        multiple = getattr(self.model, "size_multiple", 1)  # SwinIR: 64
+        return self.model(pad_to_multiple(lq, multiple))[..., :h, :w]
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         output = self(batch["lq"])
