@@ -19,11 +19,12 @@ from diffbir.pipeline.color import adain, color_fix, wavelet
 from diffbir.pipeline.device import cpu_has_fast_half
 from diffbir.pipeline.image_io import ImageReadError, list_inputs, read_image, write_png
 from diffbir.pipeline.loading import WeightPaths, build_restorer
+from diffbir.pipeline.resize import short_side_size
 from diffbir.pipeline.restorer import (
     GuidanceOptions,
     RestoreOptions,
     TileOptions,
-    stage2_size,
+    latent_size,
     target_size,
 )
 from diffbir.pipeline.tiling import (
@@ -222,9 +223,15 @@ def test_color_fix() -> None:
 
 
 def test_size_rules() -> None:
+    """Official sizes: truncated, never rounded; padding to 64 (8 when tiled) then to 8 latents."""
     assert target_size(30, 41, 4) == (120, 164)
-    assert stage2_size(120, 164, 512) == (512, 700)
-    assert stage2_size(600, 800, 512) == (600, 800)
+    assert target_size(30, 41, 1.55) == (46, 63)  # 46.5 and 63.55
+    assert short_side_size(144, 208, 512) == (512, 739)  # a 36x52 input at x4: 739.56
+    assert short_side_size(600, 300, 512) == (1024, 512)
+    assert latent_size(512, 614, TileOptions()) == (64, 80)
+    assert latent_size(512, 614, TileOptions(diffusion=256)) == (64, 77)
+    assert latent_size(512, 614, TileOptions(vae_encoder=256)) == (64, 80)  # latent padded
+    assert latent_size(512, 614, TileOptions(vae_encoder=256), sampled=False) == (64, 77)
     with pytest.raises(ValueError, match="multiple of 8"):
         TileOptions(diffusion=100)
     with pytest.raises(ValueError, match="--g-loss"):
@@ -380,7 +387,8 @@ def test_tiled_memory_is_bounded_by_the_tile(restorer) -> None:
     [("face", "swinir_tiny", "swinir.ckpt"), ("denoise", "scunet_tiny", "scunet.pth")],
 )
 def test_stage1_of_same_size_tasks(parity_dir: Path, task: str, config: str, file: str) -> None:
-    """SwinIR (padded to 64 by the caller) and SCUNet keep the size; the input is resized first."""
+    """SwinIR (zero-padded to its size_multiple 64 by the caller) and SCUNet keep the size; the
+    input is resized first."""
     paths = WeightPaths(parity_dir / "sd.ckpt", parity_dir / "controlnet.pth", parity_dir / file)
     restorer = build_restorer(
         task,
@@ -392,4 +400,5 @@ def test_stage1_of_same_size_tasks(parity_dir: Path, task: str, config: str, fil
     )
     lq = torch.rand(1, 3, 20, 28, generator=torch.Generator().manual_seed(5))
     out = restorer.stage1(lq, _opts(upscale=1.5))
-    assert out.shape == (1, 3, 30, 42) and 0 <= out.min() and out.max() <= 1
+    assert out.shape == (1, 3, 30, 42) and torch.isfinite(out).all()
+    assert getattr(restorer.stage1_spec.model, "size_multiple", 1) == (64 if task == "face" else 1)
