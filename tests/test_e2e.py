@@ -12,6 +12,7 @@ official final latent, and are sampled too with ``DIFFBIR_E2E=full``.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -21,7 +22,9 @@ import torch
 from conftest import _parity_dir, assert_close_ref
 from PIL import Image
 
-from diffbir.diffusion import gaussian_noise
+from diffbir.diffusion.noise import OfficialNoise
+from diffbir.diffusion.samplers import SAMPLERS
+from diffbir.diffusion.schedule import NoiseSchedule
 from diffbir.models.norm import GroupNorm32
 from diffbir.pipeline import cli
 from diffbir.pipeline.loading import WeightPaths, build_restorer
@@ -29,6 +32,8 @@ from diffbir.pipeline.restorer import (
     GuidanceOptions,
     RestoreOptions,
     Restorer,
+    SamplerOptions,
+    Stage1,
     TileOptions,
     target_size,
 )
@@ -121,8 +126,8 @@ def _sample(restorer: Restorer, case: dict, cond: torch.Tensor) -> tuple[dict, t
     )  # fmt: skip
     if key not in _SAMPLES:
         trace: dict[str, torch.Tensor] = {}
-        stream = torch.Generator().manual_seed(case["seed"])
-        z = restorer.sample(cond, [case["seed"]], options, noise_stream=stream, trace=trace)
+        noise = OfficialNoise(case["seed"])
+        z = restorer.sample(cond, [case["seed"]], options, noise=noise, trace=trace)
         _SAMPLES[key] = (trace, z)
     return _SAMPLES[key]
 
@@ -133,6 +138,36 @@ def assert_8bit_close(ours: torch.Tensor, official: torch.Tensor, name: str) -> 
     assert ours8.shape == official.shape, f"{name}: {tuple(ours8.shape)} != {official.shape}"
     diff = (ours8.int() - official.int()).abs().max().item()
     assert diff <= 1, f"{name}: {diff} grey levels off the official output (max over pixels)"
+
+
+def _max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+_EXACT: dict[bytes, torch.Tensor] = {}
+
+
+def assert_latent_close(
+    restorer: Restorer, cond: torch.Tensor, options: RestoreOptions, ours: torch.Tensor,
+    case: dict, name: str,
+) -> None:  # fmt: skip
+    """The condition latent within SPEC tolerance of the official one, or else closer to a
+    float64 run than the official one is: the official float32 VAE (NCHW GroupNorm kernel) is
+    up to 2.3e-4 off float64 where the condition is zero-padded; ours is within ~2e-6."""
+    official = case["cond_latent"]
+    tol = 1e-4 * max(1.0, official.abs().max().item())
+    if ours.shape == official.shape and _max_error(ours, official) <= tol:
+        return
+    key = cond.numpy().tobytes() + repr(options.tiles).encode()
+    if key not in _EXACT:
+        exact = Restorer(copy.deepcopy(restorer.cldm), Stage1(None), dtype=torch.float64)
+        _EXACT[key] = exact.condition_latent(cond, options)
+    exact = _EXACT[key]
+    ours_error, official_error = _max_error(ours, exact), _max_error(official, exact)
+    assert ours_error < min(official_error, tol), (
+        f"{name}: cond_latent: {_max_error(ours, official):.3e} off the official (tolerance "
+        f"{tol:.3e}); off float64: ours {ours_error:.3e}, official {official_error:.3e}"
+    )
 
 
 @pytest.mark.parametrize("name", _case_names())
@@ -149,10 +184,9 @@ def test_official_case(name: str, e2e: dict, restorers: dict[str, Restorer]) -> 
         trace, z = _sample(restorer, case, cond)
     else:  # the condition latent, x_T as the official stream's first draw, the official z
         latent = restorer.condition_latent(cond, options)
-        stream = torch.Generator().manual_seed(case["seed"])
-        trace = {"cond_latent": latent, "x_T": gaussian_noise(latent.shape, generator=stream)}
+        trace = {"cond_latent": latent, "x_T": OfficialNoise(case["seed"])(latent)}
         z = case["z"]
-    assert_close_ref(trace["cond_latent"], case["cond_latent"], f"{name}: cond_latent")
+    assert_latent_close(restorer, cond, options, trace["cond_latent"], case, name)
     assert_close_ref(trace["x_T"], case["x_T"], f"{name}: x_T")
     assert_close_ref(z, case["z"], f"{name}: z")
     final = restorer.finish(z, cond, options, size)
@@ -240,3 +274,20 @@ def test_official_seed_mode_is_one_stream_in_file_order(parity_dir: Path, tmp_pa
     status = cli.main(["--input", str(folder), "--output", str(tmp_path / "x"),
                        "--seed-mode", "official", "--batch-size", "2"])  # fmt: skip
     assert status == 2
+
+
+def test_draws_per_restoration_follow_spec() -> None:
+    """The draws a skipped image takes from the official stream: x_T plus SPEC's per-sampler
+    count (N steps), plus one for the noise augmentation."""
+
+    class Grids:
+        def grid(self, name: str, steps: int):
+            return SAMPLERS[name].make_grid(NoiseSchedule.linear(), steps)
+
+    expected = {"spaced": 7, "ddim": 7, "dpm++_m2": 1, "edm_euler": 7, "edm_euler_a": 6,
+                "edm_lms": 1, "edm_dpm++_sde": 11, "edm_dpm++_3m_sde": 6}  # fmt: skip
+    for name, count in expected.items():
+        options = RestoreOptions(steps=6, sampler=SamplerOptions(name=name))
+        assert cli.draws_per_restoration(Grids(), options) == count, name
+    augmented = RestoreOptions(steps=6, sampler=SamplerOptions(noise_aug=100))
+    assert cli.draws_per_restoration(Grids(), augmented) == 8
