@@ -31,7 +31,6 @@ from diffbir.config import build_model, load_config
 from diffbir.diffusion import SAMPLERS, GuidedModel
 from diffbir.pipeline import (
     DEFAULT_NEG_PROMPT,
-    TASKS,
     RestoreOptions,
     Restorer,
     SamplerOptions,
@@ -44,6 +43,7 @@ from diffbir.pipeline.device import (
     retain_cpu_heap,
     warn_if_slow_precision,
 )
+from diffbir.versions import VERSIONS
 
 STAGE1_UPSCALE = {"bsrnet": 4, "swinir": 1, "scunet": 1}
 PARTS = ("stage1", "encode", "step", "decode", "image")
@@ -107,8 +107,8 @@ def build_models(config: str, stage1: str) -> tuple[torch.nn.Module, Stage1]:
     suffix = "_tiny" if config == "tiny" else ""
     cldm = build_model(load_config(f"control_ldm{suffix}"))
     model = build_model(load_config(f"{stage1}{suffix}"))
-    task = next(t for t in TASKS.values() if t.stage1_config == stage1)
-    return cldm, Stage1(model, resize_first=task.resize_first, enlarge_first=task.enlarge_first)
+    spec = next(s for v in VERSIONS.values() for s in v.stage1.values() if s.config == stage1)
+    return cldm, Stage1(model, resize_first=spec.resize_first, enlarge_first=spec.enlarge_first)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
