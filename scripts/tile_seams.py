@@ -48,11 +48,13 @@ def main() -> None:
     restorer = build_restorer(
         "custom",
         WeightPaths(args.parity / "sd.ckpt", args.parity / "controlnet.pth", None),
+        version="v2",
         cldm_config="control_ldm_tiny",
         device="cpu",
     )
     paths = sorted(args.photos_dir.iterdir())[: args.photos]
     totals = {kind: np.zeros(3) for kind in TILE_WEIGHTS}
+    used = 0
     for path in paths:
         img = Image.open(path).convert("RGB")
         scale = args.side / min(img.size)
@@ -67,6 +69,10 @@ def main() -> None:
         boxes = tile_boxes(lat_h, lat_w, args.tile // LATENT_FACTOR, args.stride // LATENT_FACTOR)
         rows = {r for y0, y1, _, _ in boxes for r in (y0, y1) if 0 < r < lat_h}
         cols = {c for _, _, x0, x1 in boxes for c in (x0, x1) if 0 < c < lat_w}
+        if not rows and not cols:
+            print(f"{path.name}: one tile, skipped", flush=True)
+            continue
+        used += 1
         for kind in TILE_WEIGHTS:
             tiles = TileOptions(diffusion=args.tile, diffusion_stride=args.stride, weights=kind)
             opts = RestoreOptions(**base, tiles=tiles)
@@ -80,9 +86,9 @@ def main() -> None:
                 edge_step(z, rows, cols) - edge_step(ref_z, rows, cols),
             )
         print(f"{path.name}: done", flush=True)
-    print("| weights | error | seam | seam_latent |\n| --- | --- | --- | --- |")
+    print(f"{used} photos\n| weights | error | seam | seam_latent |\n| --- | --- | --- | --- |")
     for kind, total in totals.items():
-        error, seam, seam_latent = total / len(paths)
+        error, seam, seam_latent = total / used
         print(f"| {kind} | {error:.2f} | {seam:+.2f} | {seam_latent:+.3f} |")
 
 

@@ -81,8 +81,9 @@ def restorers(parity_dir: Path) -> dict[str, Restorer]:
                 parity_dir / "sd.ckpt", parity_dir / "controlnet.pth", parity_dir / file
             )
             self[task] = build_restorer(
-                task, paths, cldm_config="control_ldm_tiny", stage1_config=config, device="cpu"
-            )
+                task, paths, version="v2", cldm_config="control_ldm_tiny",
+                stage1_config=config, device="cpu",
+            )  # fmt: skip
             return self[task]
 
     return Restorers()
@@ -227,9 +228,10 @@ def test_cli_official_seed_mode_reproduces_a_case(
     folder.mkdir()
     Image.fromarray(case["lq"].numpy()).save(folder / "a.png")
     status = cli.main([
-        "--input", str(folder), "--output", str(tmp_path / "out"), "--task", "sr",
-        "--upscale", "4", "--steps", "5", "--cfg-scale", "1", "--seed", str(case["seed"]),
-        "--seed-mode", "official", "--sd-weights", str(parity_dir / "sd.ckpt"),
+        "--input", str(folder), "--output", str(tmp_path / "out"), "--version", "v2",
+        "--task", "sr", "--upscale", "4", "--steps", "5", "--cfg-scale", "1",
+        "--seed", str(case["seed"]), "--seed-mode", "official",
+        "--sd-weights", str(parity_dir / "sd.ckpt"),
         "--controlnet-weights", str(parity_dir / "controlnet.pth"),
         "--stage1-weights", str(parity_dir / "bsrnet.pth"), "--cldm-config", "control_ldm_tiny",
         "--stage1-config", "bsrnet_tiny", "--device", "cpu", "--no-progress",
@@ -242,8 +244,8 @@ def test_cli_official_seed_mode_reproduces_a_case(
 
 def _infer(parity_dir: Path, folder: Path, out: Path, *extra: str) -> dict[str, np.ndarray]:
     status = cli.main([
-        "--input", str(folder), "--output", str(out), "--task", "sr", "--upscale", "2",
-        "--steps", "2", "--min-side", "0", "--seed", "7", "--sd-weights",
+        "--input", str(folder), "--output", str(out), "--version", "v2", "--task", "sr",
+        "--upscale", "2", "--steps", "2", "--min-side", "0", "--seed", "7", "--sd-weights",
         str(parity_dir / "sd.ckpt"), "--controlnet-weights", str(parity_dir / "controlnet.pth"),
         "--stage1-weights", str(parity_dir / "bsrnet.pth"), "--cldm-config", "control_ldm_tiny",
         "--stage1-config", "bsrnet_tiny", "--device", "cpu", "--no-progress", *extra,
