@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--tile-weights",
         choices=sorted(TILE_WEIGHTS),
-        help="tile blending weights: wide (Gaussian, sigma 0.25 tile) or official (sigma 0.1) "
+        help="tile blending weights: official (Gaussian, sigma 0.1 of the tile) or wide (sigma 0.25) "
         + _default("restore.tiles.weights"),
     )
 

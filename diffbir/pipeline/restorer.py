@@ -139,7 +139,7 @@ class TileOptions:
     # VAE parts whose GroupNorms use whole-image statistics when tiled (see run_tiled)
     vae_shared_norm: str = "encoder"
     # blending weights of overlapping tiles (tiling.TILE_WEIGHTS)
-    weights: str = "wide"
+    weights: str = "official"
 
     def __post_init__(self) -> None:
         if self.weights not in TILE_WEIGHTS:
