@@ -2,12 +2,20 @@
 
 Every pickle-based file is read with ``torch.load(weights_only=True)``: a file that would need to
 run code to unpickle is refused with a :class:`CheckpointError`.
+
+Fast loading without a second copy of the weights: :func:`read_state_dict` memory-maps the file
+(tensors are views of the mapped file, read from disk when first touched), models are built with
+their parameters on the ``meta`` device (:func:`empty_parameters`: no memory, no random
+initialisation) and :func:`load_weights` with ``assign=True`` makes the file's tensors the
+model's parameters.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -53,11 +61,14 @@ def _is_tensor_dict(obj: Mapping) -> bool:
     return len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+def read_state_dict(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, Tensor]:
     """Read a weight file into a flat ``{key: tensor}`` dict on the CPU.
 
     Unwraps ``{"state_dict": ...}`` style containers and strips a ``module.`` prefix that every
-    key carries (DataParallel/DDP files).
+    key carries (DataParallel/DDP files). With ``mmap`` (default) the tensors of a torch zip
+    file (every ``torch.save`` since PyTorch 1.6) are private copy-on-write views of the mapped
+    file: nothing is read until used, and writing to them never changes the file. Safetensors
+    files are always memory-mapped by their reader.
     """
     path = Path(path)
     if not path.is_file():
@@ -71,7 +82,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"{source}: not a readable safetensors file ({err})") from err
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(
+            path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path)
+        )
     except Exception as err:
         raise CheckpointError(
             f"{source}: cannot be loaded safely with torch.load(weights_only=True): {err}"
@@ -96,11 +109,15 @@ def load_weights(
     source: str,
     *,
     ignore_prefixes: Iterable[str] = (),
+    assign: bool = False,
 ) -> None:
-    """Copy ``sd`` into ``module`` strictly, with an error that says exactly what does not fit.
+    """Load ``sd`` into ``module`` strictly, with an error that says exactly what does not fit.
 
     Missing keys that name buffers of ``module`` are allowed: such buffers are derived at
     construction (e.g. attention masks and index tables); official files may or may not hold them.
+    ``assign``: the tensors of ``sd`` become the parameters (no copy; needed for a module built
+    under :func:`empty_parameters`), in the model's dtype and memory layout: a tensor that
+    differs in either is converted once, here.
     """
     ignore = tuple(ignore_prefixes)
     sd = {k: v for k, v in sd.items() if not (ignore and k.startswith(ignore))}
@@ -130,7 +147,48 @@ def load_weights(
         if mistyped:
             msg += _listing("keys expected floating point, found another dtype", mistyped)
         raise CheckpointError(msg)
-    module.load_state_dict(sd, strict=False)
+    if assign:
+        sd = {k: _like(v, own[k]) for k, v in sd.items()}
+    module.load_state_dict(sd, strict=False, assign=assign)
+
+
+def _like(tensor: Tensor, target: Tensor) -> Tensor:
+    """``tensor`` in the dtype and (channels-last or not) layout of ``target``."""
+    channels_last = target.ndim == 4 and target.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return tensor.to(target.dtype).contiguous(memory_format=layout)
+
+
+@contextmanager
+def empty_parameters() -> Iterator[None]:
+    """Build modules with their parameters on the ``meta`` device (no memory, no random
+    initialisation); buffers are built as usual, since some are computed, not loaded.
+
+    Load such a module with :func:`load_weights` ``(..., assign=True)``; a parameter that the
+    file does not hold stays on ``meta`` and is reported by :func:`check_materialized`.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(self, name, param)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def check_materialized(module: nn.Module, source: str) -> None:
+    """Raise a :class:`CheckpointError` naming the tensors of ``module`` still on ``meta``."""
+    empty = [name for name, t in module.state_dict(keep_vars=True).items() if t.is_meta]
+    if empty:
+        raise CheckpointError(
+            f"{source}: no values for these tensors of {type(module).__name__}"
+            + _listing("tensors", empty)
+        )
 
 
 def save_state_dict(sd: Mapping[str, Tensor], path: str | os.PathLike) -> None:

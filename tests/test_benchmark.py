@@ -3,29 +3,39 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import resource
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from diffbir.benchmark import ROWS, main
+from diffbir.benchmark import PARTS, ROWS, main
+from diffbir.pipeline.device import cpu_has_fast_half
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _run_script(argv: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO_ROOT / "scripts" / "benchmark.py"), *argv]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}  # this checkout's package
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env=env)
+
+
 def test_benchmark_script_tiny_prints_every_field(tmp_path: Path) -> None:
     out_json = tmp_path / "bench" / "results.json"
-    cmd = [
-        sys.executable,
-        str(REPO_ROOT / "scripts" / "benchmark.py"),
-        "--config", "tiny", "--size", "64", "--precision", "fp32", "--device", "cpu",
-        "--repeats", "1", "--warmup", "0", "--matmul-size", "128", "--matmul-seconds", "0.2",
-        "--threads", "1",
-        "--json", str(out_json),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    proc = _run_script(
+        [
+            "--config", "tiny", "--size", "64", "--precision", "fp32", "--device", "cpu",
+            "--repeats", "1", "--warmup", "0", "--matmul-size", "128", "--matmul-seconds", "0.2",
+            "--threads", "1", "--profile", "--profile-rows", "5",
+            "--parts", ",".join(PARTS), "--startup-dir", str(tmp_path / "weights"),
+            "--json", str(out_json),
+        ]
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out_json.read_text())
     for key, label, _ in ROWS:
@@ -35,6 +45,27 @@ def test_benchmark_script_tiny_prints_every_field(tmp_path: Path) -> None:
     assert results["latent"] == 8 and results["config"] == "tiny"
     low, high = results["step_over_matmul_range"]
     assert low <= results["step_over_matmul"] <= high
+    # the rest's share falls as the steps grow, and the parts add up to the whole image
+    assert 0 < results["other_share_50"] < results["other_share_10"] < 1
+    assert "Top operators of one sampling step" in proc.stdout
+    assert "per step: aten._to_copy" in proc.stdout
+    assert results["startup_load_s"] > 0 and results["startup_model_bytes"] > 0
+
+
+def test_benchmark_reports_no_ratio_without_native_half_precision() -> None:
+    proc = _run_script(
+        [
+            "--config", "tiny", "--size", "64", "--precision", "bf16", "--device", "cpu",
+            "--repeats", "1", "--warmup", "0", "--matmul-size", "64", "--matmul-seconds", "0.1",
+            "--threads", "1", "--parts", "step",
+        ]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    if cpu_has_fast_half(torch.bfloat16):
+        assert "step rate / matmul rate  " in proc.stdout
+    else:
+        assert "not reported: no native bf16 on this CPU" in proc.stdout
+        assert not re.search(r"step rate / matmul rate\s+\d", proc.stdout)
 
 
 @pytest.mark.parametrize("argv", [["--size", "100"], ["--parts", "step,warp"], ["--steps", "1"]])

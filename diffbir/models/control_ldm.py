@@ -105,20 +105,25 @@ class ControlLDM(nn.Module):
         self.latent_scale_factor = float(latent_scale_factor)
 
     # ----- weights -----
-    def load_sd_weights(self, sd: Mapping[str, Tensor], source: str) -> None:
+    def load_sd_weights(
+        self, sd: Mapping[str, Tensor], source: str, *, assign: bool = False
+    ) -> None:
         """Load UNet, VAE and text encoder from an official SD 2.1 checkpoint's state dict.
 
-        Other keys of the file (schedule buffers, ``model_ema.*``, ...) are ignored.
+        Other keys of the file (schedule buffers, ``model_ema.*``, ...) are ignored. ``assign``:
+        the file's tensors become the parameters (see :func:`~diffbir.checkpoint.load_weights`).
         """
         for part, prefix in SD_PREFIXES.items():
             sub = sub_state_dict(sd, prefix)
             if not sub:
                 raise ValueError(f"{source}: no '{prefix}*' keys; is this an SD 2.1 checkpoint?")
-            load_weights(getattr(self, part), sub, f"{source} [{prefix}*]")
+            load_weights(getattr(self, part), sub, f"{source} [{prefix}*]", assign=assign)
 
-    def load_controlnet_weights(self, sd: Mapping[str, Tensor], source: str) -> None:
+    def load_controlnet_weights(
+        self, sd: Mapping[str, Tensor], source: str, *, assign: bool = False
+    ) -> None:
         """Load IRControlNet from a flat state dict (the format of the official ``v2.pth``)."""
-        load_weights(self.controlnet, sd, source)
+        load_weights(self.controlnet, sd, source, assign=assign)
 
     def init_controlnet_from_unet(self) -> None:
         """Initialise IRControlNet from the UNet encoder (paper §3.3)."""
@@ -144,8 +149,9 @@ class ControlLDM(nn.Module):
 
     # ----- conditions -----
     def encode_text(self, prompts: list[str]) -> Tensor:
-        """Prompts -> text context (B, 77, C)."""
-        return self.text_encoder(list(prompts))
+        """Prompts -> text context (B, 77, C) in the UNet's dtype (the text encoder may run in
+        another), so that the sampling steps use it as it is."""
+        return self.text_encoder(list(prompts)).to(self.unet.time_embed[0].weight.dtype)
 
     def vae_encode(
         self, image: Tensor, sample: bool = False, generator: torch.Generator | None = None

@@ -7,6 +7,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# Devices whose GroupNorm/LayerNorm kernels compute fp16/bf16 input in float32 internally (the
+# statistics and the affine step), rounding only the output: the same result as casting the
+# input to float32 and back, without the two extra copies of every activation.
+_FLOAT32_KERNELS = ("cpu", "cuda")
+
+
+def computes_in_float32(x: Tensor, weight: Tensor | None) -> bool:
+    """Whether the plain norm kernel on ``x`` (with ``weight``) already computes in float32."""
+    if x.dtype == torch.float32:
+        return True
+    same_dtype = weight is None or weight.dtype == x.dtype
+    return same_dtype and x.dtype in (torch.float16, torch.bfloat16) and (
+        x.device.type in _FLOAT32_KERNELS
+    )
+
 
 def group_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float):
     """``F.group_norm``, accurate for channels-last input on the CPU too.
@@ -26,7 +41,7 @@ def group_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | Non
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32, result cast back to the input dtype.
+    """GroupNorm computed in float32, result in the input dtype (see :func:`computes_in_float32`).
 
     Inside a :class:`SharedGroupNormStats` context it normalises with that context's statistics.
     """
@@ -39,15 +54,19 @@ class GroupNorm32(nn.GroupNorm):
             if not stats.recording:
                 return stats.normalize(self, x)
             stats.record(self, x)
+        if computes_in_float32(x, self.weight):
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in float32, result cast back to the input dtype."""
+    """LayerNorm computed in float32, result in the input dtype (:func:`computes_in_float32`)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if computes_in_float32(x, self.weight):
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)

@@ -330,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--tile-weights",
         choices=sorted(TILE_WEIGHTS),
-        help="tile blending weights: official (Gaussian, sigma 0.1 of the tile) or wide (sigma 0.25) "
+        help="tile blending weights: official (Gaussian, sigma 0.1 of the tile) or wide "
+        "(sigma 0.25) "
         + _default("restore.tiles.weights"),
     )
 
@@ -634,7 +635,9 @@ def run(args: argparse.Namespace) -> int:
     if todo or processes > 1:  # every rank takes part, even with nothing left to do
         if device.type == "cpu" and not args.system_malloc:
             retain_cpu_heap()
-        restorer = build_from_config(cfg, placement_device(device, processes))
+        restorer = build_from_config(
+            cfg, placement_device(device, processes), compile=args.compile
+        )
         job_prompt = {job.key: prompts[job.stem] for job in jobs}
         recipe = Recipe(cfg.restore, cfg.seed, cfg.num_samples, derive_seed, job_prompt)
         if cfg.seed_mode == "official":

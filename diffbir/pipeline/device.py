@@ -66,7 +66,8 @@ def retain_cpu_heap() -> bool:
 
 
 def add_device_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """``--precision``, ``--device`` and ``--system-malloc``, as every command spells them."""
+    """``--precision``, ``--device``, ``--system-malloc`` and ``--compile``, as every command
+    spells them."""
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
     parser.add_argument(
         "--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps"
@@ -76,6 +77,12 @@ def add_device_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
         action="store_true",
         help="on CPU, leave malloc as it is (default: keep freed memory mapped for reuse: "
         "about 10%% faster steps and 20%% faster VAE, 12%% more peak memory, held until exit)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile UNet + IRControlNet (the first step then takes minutes; for GPUs. "
+        "Off by default: on our CPU it did not pay off, see the README's Benchmark section)",
     )
 
 

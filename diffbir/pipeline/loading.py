@@ -9,10 +9,18 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from diffbir.checkpoint import CheckpointError, load_weights, read_state_dict, sub_state_dict
+from diffbir.checkpoint import (
+    CheckpointError,
+    check_materialized,
+    empty_parameters,
+    load_weights,
+    read_state_dict,
+    sub_state_dict,
+)
 from diffbir.config import build_model, load_config
 from diffbir.diffusion import NoiseSchedule
 from diffbir.pipeline.device import PRECISIONS, resolve_device, warn_if_slow_precision
+from diffbir.pipeline.precision import place_models
 from diffbir.pipeline.restorer import Restorer, Stage1
 from diffbir.versions import (
     CUSTOM,
@@ -137,6 +145,7 @@ def build_restorer(
     stage1_config: str | None = None,
     device: torch.device | str = "auto",
     precision: str | torch.dtype = "fp32",
+    compile: bool = False,
 ) -> Restorer:
     """Build the models from configs, load the weight files and wrap them in a Restorer.
 
@@ -145,7 +154,9 @@ def build_restorer(
     of another version is refused (:class:`WrongVersionError`). ``stage1_config`` overrides the
     task's stage-1 config (required for task ``custom`` when a stage-1 weight file is given;
     with ``custom`` and no weights there is no stage-1 model).
-    ``device``: ``auto``, ``cpu``, ``cuda``, ...; ``precision``: fp32, fp16, bf16 or a dtype.
+    ``device``: ``auto``, ``cpu``, ``cuda``, ...; ``precision``: fp32, fp16, bf16 or a dtype
+    (:mod:`~diffbir.pipeline.precision` says which part runs in it); ``compile``:
+    ``torch.compile`` UNet + IRControlNet.
     """
     if task not in TASKS:
         raise ValueError(f"--task: expected one of {list(TASKS)}, got {task!r}")
@@ -168,15 +179,25 @@ def build_restorer(
     check_version(paths, version, task)
     check_paths(paths)
 
-    cldm = build_model(load_config(cldm_config), source=str(cldm_config))
-    cldm.load_sd_weights(read_state_dict(paths.sd), str(paths.sd))
-    cldm.load_controlnet_weights(_controlnet_state_dict(paths.controlnet), str(paths.controlnet))
+    # Parameters built empty in their final dtypes, then the memory-mapped file tensors become
+    # them: one copy of the weights at any time (the Restorer then moves them to the device).
+    with empty_parameters():
+        cldm = build_model(load_config(cldm_config), source=str(cldm_config))
+        stage1_cfg = None if paths.stage1 is None else load_config(stage1_config)
+        model = (
+            None if stage1_cfg is None else build_model(stage1_cfg, source=str(stage1_config))
+        )
+    place_models(cldm, model, None, precision)
+    cldm.load_sd_weights(read_state_dict(paths.sd), str(paths.sd), assign=True)
+    cldm.load_controlnet_weights(
+        _controlnet_state_dict(paths.controlnet), str(paths.controlnet), assign=True
+    )
+    check_materialized(cldm, f"{paths.sd} + {paths.controlnet}")
 
     stage1 = Stage1(model=None)
-    if paths.stage1 is not None:
-        cfg = load_config(stage1_config)
-        model = build_model(cfg, source=str(stage1_config))
-        load_weights(model, read_state_dict(paths.stage1), str(paths.stage1))
+    if model is not None:
+        load_weights(model, read_state_dict(paths.stage1), str(paths.stage1), assign=True)
+        check_materialized(model, str(paths.stage1))
         # our RM (version custom) is a same-size SwinIR, trained on LQ at the HQ size
         same_size = version.name == CUSTOM
         stage1 = Stage1(
@@ -192,6 +213,7 @@ def build_restorer(
         dtype=precision,
         schedule=schedule,
         parameterization=version.parameterization,
+        compile=compile,
     )
 
 

@@ -241,8 +241,11 @@ def differing_keys(old: DictConfig, new: DictConfig) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
-def build_from_config(cfg: InferenceConfig, device: torch.device | str | None = None) -> Restorer:
-    """The Restorer of a config: official files of its version and task, or ``custom``."""
+def build_from_config(
+    cfg: InferenceConfig, device: torch.device | str | None = None, *, compile: bool = False
+) -> Restorer:
+    """The Restorer of a config: official files of its version and task, or ``custom``
+    (``compile``: ``torch.compile`` UNet + IRControlNet)."""
     w = cfg.weights
     device = device if device is not None else cfg.device
     if cfg.version == CUSTOM:
@@ -257,6 +260,7 @@ def build_from_config(cfg: InferenceConfig, device: torch.device | str | None = 
             stage1_config=custom.stage1_config,
             device=device,
             precision=cfg.precision,
+            compile=compile,
         )
     paths = resolve_weight_paths(
         cfg.task, w.dir, version=cfg.version, sd=w.sd, controlnet=w.controlnet, stage1=w.stage1
@@ -269,6 +273,7 @@ def build_from_config(cfg: InferenceConfig, device: torch.device | str | None = 
         stage1_config=w.stage1_config,
         device=device,
         precision=cfg.precision,
+        compile=compile,
     )
 
 

@@ -28,6 +28,7 @@ from diffbir.diffusion.noise import NoiseSource, PerImageNoise
 from diffbir.diffusion.samplers import SAMPLERS
 from diffbir.diffusion.schedule import NoiseSchedule, Parameterization, check_parameterization
 from diffbir.pipeline.color import COLOR_FIXES, color_fix
+from diffbir.pipeline.precision import place_models
 from diffbir.pipeline.resize import (
     enlarge_short_side,
     pad_to_multiple,
@@ -324,15 +325,17 @@ class Restorer:
         dtype: torch.dtype = torch.float32,
         schedule: NoiseSchedule | None = None,
         parameterization: Parameterization = "eps",
+        compile: bool = False,
     ) -> None:
         """``schedule`` (default: the SD linear one) and ``parameterization`` describe the
         model: what it was trained on and whether it predicts eps or v (v2.1: v, zero SNR)."""
         check_parameterization(parameterization)
         self.device = torch.device(device)
         self.dtype = dtype
-        self.cldm = cldm.eval().requires_grad_(False).to(device=self.device, dtype=dtype)
-        if stage1.model is not None:
-            stage1.model.eval().requires_grad_(False).to(device=self.device, dtype=dtype)
+        self.cldm = cldm.eval().requires_grad_(False)
+        place_models(self.cldm, stage1.model, self.device, dtype)
+        # UNet + IRControlNet forward; torch.compile'd with ``compile``
+        self.denoiser: nn.Module = torch.compile(self.cldm) if compile else self.cldm
         self.stage1_spec = stage1
         self.base_schedule = schedule or NoiseSchedule.linear()
         self.parameterization = parameterization
@@ -343,7 +346,7 @@ class Restorer:
         model = self.stage1_spec.model
         height, width = x.shape[-2:]
         padded = pad_to_multiple(x, getattr(model, "size_multiple", 1))
-        y = model(padded.to(self.dtype)).float()
+        y = model(padded.to(next(model.parameters()).dtype)).float()
         out_h = round(height * y.shape[-2] / padded.shape[-2])
         out_w = round(width * y.shape[-1] / padded.shape[-1])
         return y[..., :out_h, :out_w]
@@ -430,7 +433,8 @@ class Restorer:
 
     def _model_fn(self, options: RestoreOptions) -> ConditionalModel:
         def model_fn(x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-            return self.cldm(x.to(self.dtype), t, cond, control_strength=options.strength).float()
+            x = x.to(self.dtype)
+            return self.denoiser(x, t, cond, control_strength=options.strength).float()
 
         tile = options.tiles.diffusion
         if tile is None:
