@@ -405,6 +405,7 @@ def profile_step(step: Callable[[], Any], device: torch.device, rows: int) -> di
 
 _STARTUP = """
 import json, sys, threading, time
+from pathlib import Path
 start = time.perf_counter()
 
 def status(key):
@@ -427,7 +428,7 @@ if sys.argv[5] == "retain":
 imported = time.perf_counter()
 base_rss, base_anon = status("VmRSS:"), status("RssAnon:")
 threading.Thread(target=watch, daemon=True).start()
-paths = WeightPaths(sd=sys.argv[1], controlnet=sys.argv[2], stage1=None)
+paths = WeightPaths(sd=Path(sys.argv[1]), controlnet=Path(sys.argv[2]), stage1=None)
 restorer = build_restorer(
     "custom", paths, precision=sys.argv[3], device=sys.argv[4], cldm_config=sys.argv[6]
 )
