@@ -31,8 +31,10 @@ def group_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | Non
     ~1 in the output; contiguous input: 3e-5). GroupNorm does not change when a constant is
     subtracted from a group, so such input is first shifted by its per-group mean (one cheap
     reduction and one subtraction; the layout, and the convolutions' channels-last speed, stay).
+    Half-precision input is left as it is: its own rounding is far coarser than this loss.
     """
-    if x.device.type == "cpu" and x.ndim == 4 and not x.is_contiguous():
+    on_cpu_float32 = x.device.type == "cpu" and x.dtype == torch.float32
+    if on_cpu_float32 and x.ndim == 4 and not x.is_contiguous():
         if x.is_contiguous(memory_format=torch.channels_last):
             batch, channels = x.shape[:2]
             mean = x.mean(dim=(2, 3)).view(batch, groups, -1).mean(-1, keepdim=True)
@@ -55,7 +57,7 @@ class GroupNorm32(nn.GroupNorm):
                 return stats.normalize(self, x)
             stats.record(self, x)
         if computes_in_float32(x, self.weight):
-            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
