@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 from diffbir.diffusion.schedule import Parameterization
 
@@ -98,13 +99,27 @@ def _with_custom(controlnet: Mapping[str, str], custom: str) -> Mapping[str, str
     return MappingProxyType({**controlnet, "custom": custom})
 
 
+# v1 and v2 share SD 2.1-base (eps prediction, the linear schedule) and their sampling defaults
+# (v1's are not in SPEC: v2's are used).
+EPS_SD21_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "sd_file": "v2-1_512-ema-pruned.ckpt",
+        "parameterization": "eps",
+        "zero_terminal_snr": False,
+        "sampler": "spaced",
+        "steps": 50,
+        "cfg_scale": 4.0,
+        "pos_prompt": V2_POS_PROMPT,
+        "neg_prompt": V2_NEG_PROMPT,
+    }
+)
+
 VERSIONS: Mapping[str, ModelVersion] = MappingProxyType(
     {
         v.name: v
         for v in (
             ModelVersion(
                 name="v1",
-                sd_file="v2-1_512-ema-pruned.ckpt",
                 controlnet=_with_custom(
                     _per_task("v1_general.pth", "v1_face.pth"), "v1_general.pth"
                 ),
@@ -112,17 +127,10 @@ VERSIONS: Mapping[str, ModelVersion] = MappingProxyType(
                     Stage1Spec("swinir", "general_swinir_v1.ckpt", True, enlarge_first=True),
                     SWINIR_FACE,
                 ),
-                parameterization="eps",
-                zero_terminal_snr=False,
-                sampler="spaced",
-                steps=50,
-                cfg_scale=4.0,
-                pos_prompt=V2_POS_PROMPT,
-                neg_prompt=V2_NEG_PROMPT,
+                **EPS_SD21_DEFAULTS,
             ),
             ModelVersion(
                 name="v2",
-                sd_file="v2-1_512-ema-pruned.ckpt",
                 controlnet=_with_custom(_per_task("v2.pth", "v2.pth"), "v2.pth"),
                 stage1=MappingProxyType(
                     {
@@ -133,13 +141,7 @@ VERSIONS: Mapping[str, ModelVersion] = MappingProxyType(
                         "face": SWINIR_FACE,
                     }
                 ),
-                parameterization="eps",
-                zero_terminal_snr=False,
-                sampler="spaced",
-                steps=50,
-                cfg_scale=4.0,
-                pos_prompt=V2_POS_PROMPT,
-                neg_prompt=V2_NEG_PROMPT,
+                **EPS_SD21_DEFAULTS,
             ),
             ModelVersion(
                 name="v2.1",
