@@ -12,9 +12,14 @@ model's parameters.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import mmap
 import os
+import sys
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -148,15 +153,68 @@ def load_weights(
             msg += _listing("keys expected floating point, found another dtype", mistyped)
         raise CheckpointError(msg)
     if assign:
-        sd = {k: _like(v, own[k]) for k, v in sd.items()}
+        mapped = file_mappings()
+        sd = {k: _like(v, own[k], mapped) for k, v in sd.items()}
     module.load_state_dict(sd, strict=False, assign=assign)
 
 
-def _like(tensor: Tensor, target: Tensor) -> Tensor:
-    """``tensor`` in the dtype and (channels-last or not) layout of ``target``."""
+def _like(tensor: Tensor, target: Tensor, mapped: list[tuple[int, int]]) -> Tensor:
+    """``tensor`` in the dtype and (channels-last or not) layout of ``target``. When that is a
+    new tensor and ``tensor`` lies in one of the ``mapped`` file ranges, its pages are released
+    (:func:`release_pages`): loading in half precision does not hold the file's float32 copy of
+    the weights beside the converted one."""
     channels_last = target.ndim == 4 and target.is_contiguous(memory_format=torch.channels_last)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    return tensor.to(target.dtype).contiguous(memory_format=layout)
+    converted = tensor.to(target.dtype).contiguous(memory_format=layout)
+    if converted.data_ptr() != tensor.data_ptr() and tensor.is_contiguous():
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        if any(low <= start and end <= high for low, high in mapped):
+            release_pages(start, end)
+    return converted
+
+
+def file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process that map files (``/proc/self/maps``; empty elsewhere),
+    such as the weight files :func:`read_state_dict` memory-maps."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)  # range, perms, offset, device, inode, path
+        if len(fields) < 6 or not fields[5].startswith("/"):
+            continue
+        if fields[1].endswith("p") and fields[4] != "0":  # private, backed by a file
+            low, high = (int(address, 16) for address in fields[0].split("-"))
+            ranges.append((low, high))
+    return ranges
+
+
+_MADV_DONTNEED = 4
+
+
+def release_pages(start: int, end: int) -> bool:
+    """Drop the whole pages between addresses ``start`` and ``end`` of a private file mapping
+    from this process (``madvise(MADV_DONTNEED)``); returns whether the kernel accepted.
+
+    The data stays: a page of a private file mapping that was never written is read again from
+    the file (usually still in the page cache) if touched. Only for the file's own tensors, as
+    :func:`read_state_dict` maps them; a page written since would lose that write.
+    """
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if not sys.platform.startswith("linux") or last <= first:
+        return False
+    return _madvise()(first, last - first, _MADV_DONTNEED) == 0
+
+
+@functools.cache
+def _madvise() -> Callable[[int, int, int], int]:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
 
 
 @contextmanager

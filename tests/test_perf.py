@@ -126,6 +126,38 @@ def test_loading_adds_no_second_copy_of_the_weights(tmp_path: Path) -> None:
     assert copy > 1.8
 
 
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_half_precision_loading_releases_the_files_float32_pages(tmp_path: Path) -> None:
+    """Converting the mapped file's float32 tensors to bf16 drops their pages from the process
+    (the file's copy is not held beside the converted one), and the data stays: the file's
+    tensors still read their values. Tensors in ordinary memory are left as they are."""
+    file = tmp_path / "model.pth"
+    gen = torch.Generator().manual_seed(0)
+    weights = {f"{i}.weight": torch.randn(1024, 1024, generator=gen) for i in range(16)}
+    torch.save(weights, file)
+    sd = read_state_dict(file)
+    assert sum(float(t.sum()) for t in sd.values())  # every page resident
+    resident = _status_bytes("RssFile:")
+    with empty_parameters():
+        model = nn.Sequential(*(nn.Linear(1024, 1024, bias=False) for _ in range(16)))
+    load_weights(model.to(torch.bfloat16), sd, str(file), assign=True)
+    released = resident - _status_bytes("RssFile:")
+    assert released > 0.9 * 16 * 2**22
+    for key, tensor in sd.items():
+        assert torch.equal(tensor, weights[key])
+        assert torch.equal(model.state_dict()[key], weights[key].to(torch.bfloat16))
+    in_memory = {k: v.clone() for k, v in weights.items()}
+    with empty_parameters():
+        other = nn.Sequential(*(nn.Linear(1024, 1024, bias=False) for _ in range(16)))
+    load_weights(other.to(torch.bfloat16), in_memory, "in memory", assign=True)
+    assert all(torch.equal(in_memory[k], weights[k]) for k in weights)
+
+
 def test_a_parameter_missing_from_the_file_is_named() -> None:
     with empty_parameters():
         model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
