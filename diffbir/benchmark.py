@@ -489,7 +489,9 @@ def measure_startup(
     )
     if proc.returncode != 0:
         raise RuntimeError(f"startup measurement failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    peak, model = results["startup_peak_rss_bytes"], results["startup_model_bytes"]
+    return {**results, "startup_peak_over_model": peak / model}
 
 
 def _fmt_bytes(n: float) -> str:
@@ -515,6 +517,7 @@ ROWS = (
     ("startup_model_bytes", "startup: loaded ControlLDM", _fmt_bytes),
     ("startup_peak_rss_bytes", "startup: peak resident memory", _fmt_bytes),
     ("startup_peak_private_bytes", "startup: peak private memory", _fmt_bytes),
+    ("startup_peak_over_model", "startup: peak resident / model", lambda v: f"{v:.2f}x"),
     ("stage1_s", "stage 1", _seconds),
     ("text_s", "text encoder (2 prompts)", _seconds),
     ("vae_encode_s", "VAE encode", _seconds),

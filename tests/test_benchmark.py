@@ -50,6 +50,8 @@ def test_benchmark_script_tiny_prints_every_field(tmp_path: Path) -> None:
     assert "Top operators of one sampling step" in proc.stdout
     assert "per step: aten._to_copy" in proc.stdout
     assert results["startup_load_s"] > 0 and results["startup_model_bytes"] > 0
+    peak, model = results["startup_peak_rss_bytes"], results["startup_model_bytes"]
+    assert results["startup_peak_over_model"] == pytest.approx(peak / model)
 
 
 def test_benchmark_reports_no_ratio_without_native_half_precision() -> None:
