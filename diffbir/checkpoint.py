@@ -161,8 +161,8 @@ def load_weights(
 def _like(tensor: Tensor, target: Tensor, mapped: list[tuple[int, int]]) -> Tensor:
     """``tensor`` in the dtype and (channels-last or not) layout of ``target``. When that is a
     new tensor and ``tensor`` lies in one of the ``mapped`` file ranges, its pages are released
-    (:func:`release_pages`): loading in half precision does not hold the file's float32 copy of
-    the weights beside the converted one."""
+    (:func:`release_pages`): loading does not hold the file's copy of a converted tensor beside
+    the conversion (in half precision every tensor; in float32 the channels-last conv weights)."""
     channels_last = target.ndim == 4 and target.is_contiguous(memory_format=torch.channels_last)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     converted = tensor.to(target.dtype).contiguous(memory_format=layout)
