@@ -153,3 +153,61 @@ def tiny_configs(tmp_path_factory):
     patch.setattr(config, "CONFIG_ROOT", root)
     yield root
     patch.undo()
+
+
+# ------------------------------------------------------------- headless Chromium (tests/browser.py)
+
+
+@pytest.fixture(scope="session")
+def artefacts_dir(tmp_path_factory) -> Path:
+    """Where tests leave files for a person to look at (screenshots): ``$DIFFBIR_TEST_ARTEFACTS``,
+    else ``artefacts/`` under pytest's temporary directory."""
+    from browser import ARTEFACTS_ENV
+
+    given = os.environ.get(ARTEFACTS_ENV)
+    path = Path(given) if given else tmp_path_factory.getbasetemp() / "artefacts"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """One headless Debian Chromium for the session, driven by Playwright; skipped, with the
+    reason, only where no browser is installed (see ``browser.browser_unavailable``)."""
+    from browser import CHROMIUM_FLAGS, browser_unavailable, chromium_executable
+
+    reason = browser_unavailable()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    # Playwright gives each launch a new empty profile (its own --user-data-dir).
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(chromium_executable()), args=list(CHROMIUM_FLAGS), headless=True
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def browser_page(chromium, artefacts_dir: Path, request):
+    """A page in a fresh browser context (its own cookies, so its own Gradio session). At the
+    end, failed or not, a full-page screenshot is saved under ``artefacts_dir`` and its path
+    printed; the context is closed whatever happened."""
+    context = chromium.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    try:
+        yield page
+    finally:
+        shot = artefacts_dir / (request.node.name.replace("/", "_") + ".png")
+        try:
+            page.screenshot(path=str(shot), full_page=True)
+            reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+            if reporter is not None:
+                reporter.write_line(f"screenshot: {shot}")
+        finally:
+            context.close()
