@@ -3,6 +3,7 @@ headless Chromium by Playwright (no browser download: Playwright gets ``executab
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import shutil
@@ -42,24 +43,23 @@ def chromium_executable() -> Path | None:
     return Path(found) if found and Path(found).is_file() else None
 
 
-def browser_unavailable() -> str | None:
-    """Why no browser test can run here, or ``None`` when Playwright and Chromium are both
-    installed. Inside CI a missing browser is an install failure, not a reason to skip, unless
-    .ci/run said it could not install one."""
+def browser_unavailable(*modules: tuple[str, str]) -> str | None:
+    """Why the browser tests cannot run here, or ``None`` when Playwright, Chromium and each
+    ``(module, how to install it)`` of ``modules`` are installed. Inside CI, where .ci/run
+    installs them all, a missing one is an install failure, not a reason to skip, unless
+    .ci/run said it could not install a browser."""
     if os.environ.get(SKIP_ENV):
         return f"no browser on this machine: {os.environ[SKIP_ENV]}"
-    missing = []
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing.append("the Python package playwright (pip install -e '.[demo]')")
+    needed = (("playwright", "pip install -e '.[dev]'"), *modules)
+    missing = [f"the Python package {name} ({how})" for name, how in needed
+               if importlib.util.find_spec(name) is None]
     if chromium_executable() is None:
         missing.append("Debian's chromium (apt-get install chromium, or set DIFFBIR_CHROMIUM)")
     if not missing:
         return None
     reason = "browser test needs " + " and ".join(missing)
     if os.environ.get("CI"):
-        raise RuntimeError(f"{reason}; .ci/run installs both (or sets {SKIP_ENV} with a reason)")
+        raise RuntimeError(f"{reason}; .ci/run installs them (or sets {SKIP_ENV} with a reason)")
     return reason
 
 

@@ -170,13 +170,15 @@ def artefacts_dir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium():
-    """One headless Debian Chromium for the session, driven by Playwright; skipped, with the
-    reason, only where no browser is installed (see ``browser.browser_unavailable``)."""
+    """One headless Debian Chromium per test module (not left idle for the rest of the suite),
+    driven by Playwright; skipped, with the reason, only where no browser is installed (see
+    ``browser.browser_unavailable``). The pages of these tests are Gradio's, so the demo extra
+    counts as part of the browser."""
     from browser import CHROMIUM_FLAGS, browser_unavailable, chromium_executable
 
-    reason = browser_unavailable()
+    reason = browser_unavailable(("gradio", "pip install -e '.[demo]'"))
     if reason:
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright
@@ -195,8 +197,8 @@ def chromium():
 @pytest.fixture
 def browser_page(chromium, artefacts_dir: Path, request):
     """A page in a fresh browser context (its own cookies, so its own Gradio session). At the
-    end, failed or not, a full-page screenshot is saved under ``artefacts_dir`` and its path
-    printed; the context is closed whatever happened."""
+    end, failed or not, a full-page screenshot is saved under ``artefacts_dir`` (its path is
+    printed after the results); the context is closed whatever happened."""
     context = chromium.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     page = context.new_page()
     page.set_default_timeout(60_000)
@@ -206,8 +208,17 @@ def browser_page(chromium, artefacts_dir: Path, request):
         shot = artefacts_dir / (request.node.name.replace("/", "_") + ".png")
         try:
             page.screenshot(path=str(shot), full_page=True)
-            reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-            if reporter is not None:
-                reporter.write_line(f"screenshot: {shot}")
+            SCREENSHOTS.append(shot)
         finally:
             context.close()
+
+
+SCREENSHOTS: list[Path] = []
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The paths of the screenshots taken, after the results (a test's own output is captured)."""
+    if SCREENSHOTS:
+        terminalreporter.write_sep("-", "browser test screenshots")
+        for shot in SCREENSHOTS:
+            terminalreporter.write_line(str(shot))
