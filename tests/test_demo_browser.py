@@ -7,6 +7,7 @@ No ``from __future__ import annotations`` here: Gradio finds the ``gr.Request`` 
 ``gr.Progress`` parameters of a handler by its annotations, which must then resolve, and ``gr``
 is local to :func:`build_page`."""
 
+import os
 import re
 import sys
 import time
@@ -76,7 +77,8 @@ def build_page():
                 log(session, f"step {i}/{n}")
                 progress((i, n), desc="sampling", unit="steps")
 
-            out_dir = Path(tempfile.mkdtemp(prefix="demo-page-"))
+            # beside Gradio's own files (the test's temporary folder)
+            out_dir = Path(tempfile.mkdtemp(prefix="out-", dir=os.environ.get("GRADIO_TEMP_DIR")))
             done, files = invert_steps(path, int(steps), seconds, cancelled, on_step, out_dir)
         if files is None:
             log(session, f"stopped after {done}/{int(steps)}")
