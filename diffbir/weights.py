@@ -257,6 +257,9 @@ def download_official(
     ]
 
 
+CAPTIONER_DOWNLOADS = ("llava", "clip-tags")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffbir-download",
@@ -279,6 +282,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--base-url", help="fetch <base-url>/<name> instead (a mirror)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--captioner",
+        choices=CAPTIONER_DOWNLOADS,
+        help="fetch this captioner's model into the Hugging Face cache ($HF_HUB_CACHE or "
+        "$HF_HOME/hub, default ~/.cache/huggingface/hub) instead of DiffBIR files (add file "
+        "names, --version or --all to fetch those too); llava is about 14 GB",
+    )
     return parser
 
 
@@ -300,8 +310,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.names and args.version:
         print("give file names or --version, not both", file=sys.stderr)
         return 2
+    if args.captioner and args.base_url:
+        parser.error("--base-url: mirrors DiffBIR files only, not --captioner models")
     if args.all:
         names = list(OFFICIAL_WEIGHTS)
+    elif args.captioner and not (args.names or args.version):
+        names = []
     else:
         names = args.names or version_downloads(args.version or DEFAULT_VERSION)
     unknown = [n for n in names if n not in OFFICIAL_WEIGHTS]
@@ -311,15 +325,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     try:
-        check_output_folder(weights_dir, "--weights-dir")
+        if names:
+            check_output_folder(weights_dir, "--weights-dir")
     except OutputFolderError as err:
         print(f"diffbir-download: error: {err}", file=sys.stderr)
         return 2
+    progress = not args.quiet
     try:
-        return _download_all(names, weights_dir, args.base_url, progress=not args.quiet)
+        failed = _download_captioner(args.captioner, progress=progress) if args.captioner else 0
+        if names and _download_all(names, weights_dir, args.base_url, progress=progress):
+            failed = 1
+        return failed
     except KeyboardInterrupt:
         print("interrupted: partial downloads are kept and resume on the next run", file=sys.stderr)
         return 130
+
+
+def _download_captioner(name: str, *, progress: bool) -> int:
+    """Fetch captioner ``name``'s model into the Hugging Face cache; returns 1 on failure."""
+    from diffbir.captioning import CaptionerUnavailableError, hub_model
+    from diffbir.captioning.hub import fetch_model
+
+    try:
+        folder = fetch_model(hub_model(name), progress=progress)
+    except (DownloadError, CaptionerUnavailableError) as err:
+        print(f"failed  captioner {name}: {err}", file=sys.stderr)
+        return 1
+    print(f"ok      captioner {name}: {folder}")
+    return 0
 
 
 def _download_all(
