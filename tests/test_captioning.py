@@ -24,7 +24,7 @@ from diffbir.captioning import (
     join_prompt,
 )
 from diffbir.captioning.clip_tags import TEMPLATE, ClipTagger
-from diffbir.captioning.llava import LLAVA, LlavaCaptioner, llava_v1_prompt
+from diffbir.captioning.llava import LLAVA, LlavaCaptioner, _quantization, llava_v1_prompt
 from diffbir.pipeline.device import cpu_has_fast_half
 from diffbir.tiny_weights import write_tiny_clip_tags, write_tiny_llava
 from diffbir.weights import MissingWeightsError
@@ -236,6 +236,12 @@ def test_llava_precision_choices(llava_dir: Path, real47_dir: Path) -> None:
             build_captioner("llava", model=llava_dir, precision=bits, device="cpu")
     with pytest.raises(CaptionerError, match="captioner_precision: expected one of 4bit"):
         build_captioner("llava", model=llava_dir, precision="fp64")
+    # What CUDA would load (not runnable here): the official builder's 4-bit settings.
+    nf4 = _quantization(4)
+    assert nf4.load_in_4bit and nf4.bnb_4bit_quant_type == "nf4"
+    assert nf4.bnb_4bit_use_double_quant and nf4.bnb_4bit_compute_dtype == torch.float16
+    assert nf4.llm_int8_skip_modules == ["vision_tower", "lm_head"]
+    assert _quantization(8).load_in_8bit
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         half = LlavaCaptioner(llava_dir, precision="fp16")
