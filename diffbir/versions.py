@@ -53,6 +53,11 @@ class Stage1Spec:
     enlarge_first: bool = False
 
 
+# The face detection and parsing networks of the unaligned-face task (facexlib's files), by role.
+FACE_HELPER_FILES: Mapping[str, str] = MappingProxyType(
+    {"face_detector": "detection_Resnet50_Final.pth", "face_parser": "parsing_parsenet.pth"}
+)
+
 SWINIR_FACE = Stage1Spec("swinir", "face_swinir_v1.ckpt", resize_first=True, enlarge_first=True)
 
 
@@ -62,6 +67,8 @@ class ModelVersion:
 
     ``controlnet``/``stage1`` map a task to its file (``custom`` task: no stage 1).
     ``sampler``, ``steps``, ``cfg_scale`` and the prompts are the defaults of this version.
+    ``face_helper``: the detection and parsing files of the unaligned-face task, by role; empty
+    for a version without that task (v1, as in the official code).
     """
 
     name: str
@@ -75,6 +82,7 @@ class ModelVersion:
     cfg_scale: float
     pos_prompt: str
     neg_prompt: str
+    face_helper: Mapping[str, str]
 
     def files(self, task: str) -> dict[str, str]:
         """``{role: official file name}`` of ``task`` (roles ``sd``, ``controlnet``, ``stage1``)."""
@@ -88,7 +96,7 @@ class ModelVersion:
         names = [
             name for task in TASKS if task in self.controlnet for name in self.files(task).values()
         ]
-        return list(dict.fromkeys(names))
+        return list(dict.fromkeys([*names, *self.face_helper.values()]))
 
 
 def _per_task(general: object, face: object) -> Mapping:
@@ -127,6 +135,7 @@ VERSIONS: Mapping[str, ModelVersion] = MappingProxyType(
                     Stage1Spec("swinir", "general_swinir_v1.ckpt", True, enlarge_first=True),
                     SWINIR_FACE,
                 ),
+                face_helper=MappingProxyType({}),  # no unaligned-face task, as the official
                 **EPS_SD21_DEFAULTS,
             ),
             ModelVersion(
@@ -141,6 +150,7 @@ VERSIONS: Mapping[str, ModelVersion] = MappingProxyType(
                         "face": SWINIR_FACE,
                     }
                 ),
+                face_helper=FACE_HELPER_FILES,
                 **EPS_SD21_DEFAULTS,
             ),
             ModelVersion(
@@ -162,6 +172,7 @@ VERSIONS: Mapping[str, ModelVersion] = MappingProxyType(
                 cfg_scale=6.0,
                 pos_prompt=V21_POS_PROMPT,
                 neg_prompt=V21_NEG_PROMPT,
+                face_helper=FACE_HELPER_FILES,
             ),
         )
     }
@@ -184,7 +195,11 @@ def versions_of_file(name: str) -> list[str]:
 
 
 def role_of_file(name: str) -> str | None:
-    """The role (``sd``, ``controlnet``, ``stage1``) of official file ``name``, else ``None``."""
+    """The role (``sd``, ``controlnet``, ``stage1``, ``face_detector``, ``face_parser``) of
+    official file ``name``, else ``None``."""
+    for role, file in FACE_HELPER_FILES.items():
+        if file == name:
+            return role
     for version in VERSIONS.values():
         for task in TASKS:
             if task in version.controlnet:

@@ -32,6 +32,7 @@ _HF_SD = "https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/m
 _HF_V2 = "https://huggingface.co/lxq007/DiffBIR-v2/resolve/main"
 _HF_V1 = "https://huggingface.co/lxq007/DiffBIR/resolve/main"
 _KAIR = "https://github.com/cszn/KAIR/releases/download/v1.0"
+_FACEXLIB = "https://github.com/xinntao/facexlib/releases/download"
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,16 @@ OFFICIAL_WEIGHTS: dict[str, WeightFile] = {
             "face_swinir_v1.ckpt",
             "stage 1 of face, every version (SwinIR)",
             f"{_HF_V1}/face_swinir_v1.ckpt",
+        ),
+        WeightFile(
+            "detection_Resnet50_Final.pth",
+            "face detector of unaligned faces, v2 and v2.1 (facexlib's RetinaFace-ResNet50)",
+            f"{_FACEXLIB}/v0.1.0/detection_Resnet50_Final.pth",
+        ),
+        WeightFile(
+            "parsing_parsenet.pth",
+            "face parser of unaligned faces, v2 and v2.1 (facexlib's ParseNet)",
+            f"{_FACEXLIB}/v0.2.2/parsing_parsenet.pth",
         ),
     )
 }

@@ -63,6 +63,9 @@ def test_table_holds_the_spec_facts() -> None:
     assert versions_of_file("v2-1_512-ema-pruned.ckpt") == ["v1", "v2"]
     assert versions_of_file("DiffBIR_v2.1.pt") == ["v2.1"] and versions_of_file("mine.pth") == []
     assert role_of_file("BSRNet.pth") == "stage1" and role_of_file("v2.pth") == "controlnet"
+    # the face detector and parser of the unaligned-face task: v2 and v2.1, not v1
+    assert versions_of_file("detection_Resnet50_Final.pth") == ["v2", "v2.1"]
+    assert role_of_file("parsing_parsenet.pth") == "face_parser"
     # every official file of the table can be downloaded, and every download belongs to a version
     table_files = {name for v in VERSIONS.values() for name in v.all_files()}
     assert table_files == set(weights.OFFICIAL_WEIGHTS)
@@ -130,6 +133,10 @@ def test_a_file_of_another_version_is_refused_before_loading(tmp_path: Path) -> 
     # a file in the wrong role
     wrong_role = resolve_weight_paths("sr", tmp_path, version="v2", stage1=tmp_path / "v2.pth")
     with pytest.raises(WrongVersionError, match="--stage1-weights.*IRControlNet.*not a stage-1"):
+        build_restorer("sr", wrong_role, version="v2")
+    face_file = tmp_path / "detection_Resnet50_Final.pth"  # a face-task file, v2 and v2.1
+    wrong_role = resolve_weight_paths("sr", tmp_path, version="v2", stage1=face_file)
+    with pytest.raises(WrongVersionError, match="--stage1-weights.*face detector.*not a stage-1"):
         build_restorer("sr", wrong_role, version="v2")
 
 
@@ -248,7 +255,7 @@ def test_download_by_version(tmp_path: Path, capsys) -> None:
     assert weights.main([*base, "--weights-dir", str(v21_dir), "--version", "v2.1"]) == 0
     assert sorted(p.name for p in v21_dir.iterdir()) == sorted(
         ["sd2.1-base-zsnr-laionaes5.ckpt", "DiffBIR_v2.1.pt", "realesrgan_s4_swinir_100k.pth",
-         "face_swinir_v1.ckpt"]
+         "face_swinir_v1.ckpt", "detection_Resnet50_Final.pth", "parsing_parsenet.pth"]
     )  # fmt: skip
     v2_dir = tmp_path / "v2"
     assert weights.main([*base, "--weights-dir", str(v2_dir), "--version", "v2"]) == 0

@@ -37,6 +37,8 @@ def test_registry_names_and_urls() -> None:
         "face_swinir_v1.ckpt": "huggingface.co/lxq007/DiffBIR/",
         "v1_general.pth": "huggingface.co/lxq007/DiffBIR/",
         "v1_face.pth": "huggingface.co/lxq007/DiffBIR/",
+        "detection_Resnet50_Final.pth": "github.com/xinntao/facexlib/releases/download/v0.1.0",
+        "parsing_parsenet.pth": "github.com/xinntao/facexlib/releases/download/v0.2.2",
     }
     assert set(OFFICIAL_WEIGHTS) == set(expected)
     for name, host in expected.items():

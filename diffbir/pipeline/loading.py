@@ -76,7 +76,13 @@ _ROLE_FLAGS = {
     "controlnet": "--controlnet-weights",
     "stage1": "--stage1-weights",
 }
-_ROLE_NAMES = {"sd": "Stable Diffusion", "controlnet": "IRControlNet", "stage1": "stage-1 model"}
+_ROLE_NAMES = {
+    "sd": "Stable Diffusion",
+    "controlnet": "IRControlNet",
+    "stage1": "stage-1 model",
+    "face_detector": "face detector",
+    "face_parser": "face parser",
+}
 
 
 class WrongVersionError(CheckpointError):
