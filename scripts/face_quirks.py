@@ -76,6 +76,7 @@ def mtcnn_detector() -> Callable[[np.ndarray], np.ndarray]:
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of every box of ``a`` (N, 4+) with every box of ``b`` (M, 4+)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
     x1 = np.maximum(a[:, None, 0], b[None, :, 0])
     y1 = np.maximum(a[:, None, 1], b[None, :, 1])
     x2 = np.minimum(a[:, None, 2], b[None, :, 2])
