@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
 import os
-import types
-import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from diffbir.models import model_class
+from diffbir.schema import SettingError, check_arguments
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
@@ -81,23 +79,10 @@ def load_config(
     return cfg
 
 
-def build_model(
-    cfg: DictConfig | dict[str, Any] | str | os.PathLike, source: str | None = None
-) -> nn.Module:
-    """Build ``{"name": registry name, "params": {...}}`` (or a path/name of such a YAML).
-
-    A key the model does not take, a value of the wrong type or any other failure to build is a
-    :class:`ConfigError` naming ``source`` (the config's path or name) and the key.
-    """
-    if not isinstance(cfg, (DictConfig, dict)):
-        source = source or str(cfg)
-        cfg = load_config(cfg)
-    source = source or "model config"
-    if isinstance(cfg, DictConfig):
-        try:
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"{source}: {str(err).splitlines()[0]}") from err
+def _model_class(cfg: Mapping[str, Any], source: str) -> tuple[type, dict[str, Any]]:
+    """The class and checked params of ``{"name": registry name, "params": {...}}``: unknown
+    keys and wrong types, sub-configs included (a model class with a ``check_params``
+    classmethod checks its own), are a :class:`ConfigError` naming ``source`` and the key."""
     if "name" not in cfg:
         raise ConfigError(
             f"{source}: needs a 'name' key (one of the registry names), got keys {sorted(cfg)}"
@@ -112,54 +97,52 @@ def build_model(
     params = cfg.get("params") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{source}: params: expected a mapping, got {params!r}")
-    check_params(cls, params, source)
+    try:
+        if hasattr(cls, "check_params"):
+            cls.check_params(params)
+        else:
+            check_arguments(cls, params, "params")
+    except (SettingError, ValueError) as err:
+        raise ConfigError(f"{source}: {err}") from err
+    return cls, params
+
+
+def _as_mapping(cfg: DictConfig | dict[str, Any], source: str) -> dict[str, Any]:
+    if isinstance(cfg, DictConfig):
+        try:
+            return OmegaConf.to_container(cfg, resolve=True)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{source}: {str(err).splitlines()[0]}") from err
+    return cfg
+
+
+def check_model_config(cfg: DictConfig | str | os.PathLike, source: str | None = None) -> None:
+    """Every check of :func:`build_model` without building: for a run to refuse a bad model
+    config before it writes or loads anything."""
+    if not isinstance(cfg, DictConfig):
+        source = source or str(cfg)
+        cfg = load_config(cfg)
+    source = source or "model config"
+    _model_class(_as_mapping(cfg, source), source)
+
+
+def build_model(
+    cfg: DictConfig | dict[str, Any] | str | os.PathLike, source: str | None = None
+) -> nn.Module:
+    """Build ``{"name": registry name, "params": {...}}`` (or a path/name of such a YAML).
+
+    A key the model does not take, a value of the wrong type or any other failure to build is a
+    :class:`ConfigError` naming ``source`` (the config's path or name) and the key.
+    """
+    if not isinstance(cfg, (DictConfig, dict)):
+        source = source or str(cfg)
+        cfg = load_config(cfg)
+    source = source or "model config"
+    mapping = _as_mapping(cfg, source)
+    cls, params = _model_class(mapping, source)
     try:
         return cls(**params)
     except (TypeError, ValueError, KeyError, RuntimeError) as err:
-        raise ConfigError(f"{source}: cannot build {cfg['name']!r} from its params: {err}") from err
-
-
-_SIMPLE_TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-               type(None): "null"}  # fmt: skip
-
-
-def check_params(cls: type, params: dict[str, Any], source: str) -> None:
-    """Unknown keys and values of the wrong simple type (int, float, bool, str) are a
-    :class:`ConfigError` naming ``params.<key>``, from ``cls.__init__``'s signature and hints."""
-    signature = inspect.signature(cls.__init__)
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-    known = [name for name in signature.parameters if name != "self"]
-    if not takes_any:
-        unknown = sorted(set(params) - set(known))
-        if unknown:
-            raise ConfigError(
-                f"{source}: unknown key(s) {['params.' + k for k in unknown]} for "
-                f"{cls.__name__}; known keys: {known}"
-            )
-    try:
-        hints = typing.get_type_hints(cls.__init__)
-    except Exception:  # unresolvable annotations: the build itself reports bad values
-        return
-    for key, value in params.items():
-        allowed = _allowed_types(hints.get(key))
-        if allowed is None or value is None and type(None) in allowed:
-            continue
-        bad_bool = isinstance(value, bool) and bool not in allowed
-        if bad_bool or not isinstance(value, allowed):
-            names = " or ".join(dict.fromkeys(_TYPE_NAMES[t] for t in allowed if t is not int
-                                              or float not in allowed))
-            raise ConfigError(f"{source}: params.{key}: expected {names}, got {value!r}")
-
-
-def _allowed_types(hint: Any) -> tuple[type, ...] | None:
-    """The Python types a simple annotation admits (``None`` when it is not simple)."""
-    if hint in _SIMPLE_TYPES:
-        return _SIMPLE_TYPES[hint]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        parts = [_allowed_types(a) if a is not type(None) else (type(None),)
-                 for a in typing.get_args(hint)]  # fmt: skip
-        if any(p is None for p in parts):
-            return None
-        return tuple(t for p in parts for t in p)
-    return None
+        raise ConfigError(
+            f"{source}: cannot build {mapping['name']!r} from its params: {err}"
+        ) from err

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffbir.models.control_ldm import ControlLDM
+from diffbir.models.control_ldm import ControlLDM, unet_kwargs
 from diffbir.models.controlnet import IRControlNet
 from diffbir.models.unet import UNet
 
@@ -310,6 +310,13 @@ class AblationControlLDM(ControlLDM):
         }
         super().__init__(unet_cfg, controlnet_cfg, vae_cfg, clip_cfg, latent_scale_factor)
         self.variant = variant
+
+    @classmethod
+    def controlnet_arguments(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        """As ControlLDM's, with a config's ``variant`` and ``hint_encoder_channels``."""
+        cfg = dict(params["controlnet_cfg"])
+        cfg.update({k: params[k] for k in ("variant", "hint_encoder_channels") if k in params})
+        return unet_kwargs(cfg, "controlnet_cfg")
 
     @property
     def hint_key(self) -> str:

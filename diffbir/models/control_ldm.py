@@ -17,6 +17,7 @@ from diffbir.models.controlnet import IRControlNet
 from diffbir.models.text_encoder import OpenCLIPTextEncoder
 from diffbir.models.unet import UNet
 from diffbir.models.vae import AutoencoderKL
+from diffbir.schema import SettingError, check_arguments, checked_call
 
 SD_PREFIXES = {
     "unet": "model.diffusion_model.",
@@ -98,11 +99,45 @@ class ControlLDM(nn.Module):
         latent_scale_factor: float = 0.18215,
     ):
         super().__init__()
-        self.unet = UNet(**unet_kwargs(unet_cfg, "unet_cfg"))
-        self.controlnet = self.controlnet_class(**unet_kwargs(controlnet_cfg, "controlnet_cfg"))
-        self.vae = AutoencoderKL(**_vae_kwargs(vae_cfg))
-        self.text_encoder = OpenCLIPTextEncoder(**_clip_kwargs(clip_cfg))
+        params = {"unet_cfg": unet_cfg, "controlnet_cfg": controlnet_cfg, "vae_cfg": vae_cfg,
+                  "clip_cfg": clip_cfg}  # fmt: skip
+        parts = {
+            section: checked_call(part, kwargs, f"params.{section}")
+            for section, (part, kwargs) in self.part_arguments(params).items()
+        }
+        self.unet = parts["unet_cfg"]
+        self.controlnet = parts["controlnet_cfg"]
+        self.vae = parts["vae_cfg"]
+        self.text_encoder = parts["clip_cfg"]
         self.latent_scale_factor = float(latent_scale_factor)
+
+    @classmethod
+    def controlnet_arguments(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The constructor arguments of :attr:`controlnet_class` in a config's ``params``."""
+        return unet_kwargs(params["controlnet_cfg"], "controlnet_cfg")
+
+    @classmethod
+    def part_arguments(cls, params: Mapping[str, Any]) -> dict[str, tuple[type, dict[str, Any]]]:
+        """``{config section: (network class, its constructor arguments)}`` of a config's
+        ``params`` (the official sub-configs mapped to our constructors)."""
+        return {
+            "unet_cfg": (UNet, unet_kwargs(params["unet_cfg"], "unet_cfg")),
+            "controlnet_cfg": (cls.controlnet_class, cls.controlnet_arguments(params)),
+            "vae_cfg": (AutoencoderKL, _vae_kwargs(params["vae_cfg"])),
+            "clip_cfg": (OpenCLIPTextEncoder, _clip_kwargs(params["clip_cfg"])),
+        }
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        """Unknown keys and wrong types anywhere in a config's ``params``, sub-configs included,
+        without building anything (:class:`~diffbir.schema.SettingError` names the key)."""
+        check_arguments(cls, params, "params")
+        try:
+            parts = cls.part_arguments(params)
+        except KeyError as err:
+            raise SettingError(f"params: missing section {err}") from err
+        for section, (part, kwargs) in parts.items():
+            check_arguments(part, kwargs, f"params.{section}")
 
     # ----- weights -----
     def load_sd_weights(

@@ -11,9 +11,8 @@ an unknown key is an error. Missing files and empty datasets are reported before
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,120 +26,22 @@ from pytorch_lightning.utilities import rank_zero_warn
 from diffbir.checkpoint import CheckpointError, WeightsNotFoundError, read_state_dict
 from diffbir.config import load_config, resolve_config_path
 from diffbir.pipeline.device import PRECISIONS, cpu_has_fast_half
+from diffbir.schema import SettingError, check_mapping
 from diffbir.training.common import TrainingTask
+from diffbir.training.config import SCHEMAS
 from diffbir.training.data import TrainingSetupError, build_paired_dataset, check_source
 from diffbir.versions import schedule_conflict
 
-_COMMON_KEYS: dict[str, set[str]] = {
-    "": {"seed", "output_dir", "model", "data", "optim", "trainer"},
-    "data": {"train", "val"},
-    "data.train": {"dataset", "batch_size", "num_workers"},
-    "data.val": {"dataset", "batch_size", "num_workers", "max_images"},
-    "optim": {"lr", "betas", "weight_decay", "lr_milestones", "lr_gamma"},
-    "trainer": {
-        "accelerator", "devices", "num_nodes", "strategy", "precision",
-        "accumulate_grad_batches", "gradient_clip_val", "max_steps", "log_every_n_steps",
-        "val_every_n_steps", "checkpoint_every_n_steps", "keep_checkpoints", "deterministic",
-        "progress_bar",
-    },
-}  # fmt: skip
-KNOWN_KEYS: dict[str, dict[str, set[str]]] = {
-    "rm": {**_COMMON_KEYS, "model": {"config", "gradient_checkpointing"}},
-    "gm": {
-        **_COMMON_KEYS,
-        "data.val": _COMMON_KEYS["data.val"] | {"sample_batches", "sample_steps"},
-        "model": {
-            "config", "sd_weights", "controlnet_init", "stage1", "noise_aug_timestep",
-            "parameterization", "zero_terminal_snr", "gradient_checkpointing",
-        },
-        "model.stage1": {"config", "weights"},
-    },
-}  # fmt: skip
 EXPORT_NAMES = {"rm": "swinir", "gm": "controlnet"}
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_list(value: Any) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, str)  # list or ListConfig
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
-# key -> (what it must be, test); keys absent from a config are not checked here
-_EXPECTED: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    "int": ("an integer", _is_int),
-    "int>=0": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
-    "int>0": ("an integer > 0", lambda v: _is_int(v) and v > 0),
-    "int>0|null": ("an integer > 0 or null", lambda v: v is None or _is_int(v) and v > 0),
-    "float>0": ("a finite number > 0", lambda v: _is_number(v) and v > 0),
-    "float>=0": ("a finite number >= 0", lambda v: _is_number(v) and v >= 0),
-    "float>=0|null": ("a finite number >= 0 or null",
-                      lambda v: v is None or _is_number(v) and v >= 0),
-    "betas": ("two numbers in [0, 1)", lambda v: _is_list(v) and len(v) == 2
-              and all(_is_number(b) and 0 <= b < 1 for b in v)),
-    "int list": ("a list of integers", lambda v: _is_list(v) and all(map(_is_int, v))),
-    "bool": ("true or false", lambda v: isinstance(v, bool)),
-    "str": ("a string", lambda v: isinstance(v, str) and v != ""),
-    "str|null": ("a string or null", lambda v: v is None or isinstance(v, str)),
-    "int|str": ("an integer or a string", lambda v: _is_int(v) or isinstance(v, str)),
-}  # fmt: skip
-KEY_TYPES = {
-    "seed": "int", "output_dir": "str",
-    "data.train.batch_size": "int>0", "data.train.num_workers": "int>=0",
-    "data.val.batch_size": "int>0", "data.val.num_workers": "int>=0",
-    "data.val.max_images": "int>0|null", "data.val.sample_batches": "int>=0",
-    "data.val.sample_steps": "int>0",
-    "optim.lr": "float>0", "optim.betas": "betas", "optim.weight_decay": "float>=0",
-    "optim.lr_milestones": "int list", "optim.lr_gamma": "float>0",
-    "trainer.accelerator": "str", "trainer.num_nodes": "int>0", "trainer.strategy": "str",
-    "trainer.precision": "int|str", "trainer.accumulate_grad_batches": "int>0",
-    "trainer.gradient_clip_val": "float>=0|null", "trainer.max_steps": "int>0",
-    "trainer.log_every_n_steps": "int>0", "trainer.val_every_n_steps": "int>0",
-    "trainer.checkpoint_every_n_steps": "int>0", "trainer.keep_checkpoints": "int",
-    "trainer.deterministic": "bool", "trainer.progress_bar": "bool",
-    "model.config": "str", "model.gradient_checkpointing": "bool",
-    "model.sd_weights": "str|null", "model.controlnet_init": "str|null",
-    "model.noise_aug_timestep": "int>=0", "model.parameterization": "str",
-    "model.zero_terminal_snr": "bool", "model.stage1.config": "str",
-    "model.stage1.weights": "str|null",
-}  # fmt: skip
-
-
-def check_types(cfg: Mapping[str, Any], source: str = "config") -> None:
-    """Raise :class:`TrainingSetupError` ``<source>: <key>: expected <what>, got <value>`` for
-    the first value of the wrong type or range."""
-    for key, kind in KEY_TYPES.items():
-        node: Any = cfg
-        for part in key.split("."):
-            node = node.get(part, _ABSENT) if isinstance(node, Mapping) else _ABSENT
-        what, test = _EXPECTED[kind]
-        if node is not _ABSENT and not test(node):
-            raise TrainingSetupError(f"{source}: {key}: expected {what}, got {node!r}")
-
-
-_ABSENT = object()
-
-
 def check_keys(cfg: Mapping[str, Any], kind: str, source: str = "config") -> None:
-    """Raise :class:`TrainingSetupError` naming the first config key the trainer does not know."""
-    known = KNOWN_KEYS[kind]
-    for section, keys in known.items():
-        node: Any = cfg
-        for part in section.split(".") if section else []:
-            node = node.get(part) if isinstance(node, Mapping) else None
-        if not isinstance(node, Mapping):
-            continue
-        for key in node:
-            if key not in keys:
-                name = f"{section}.{key}" if section else key
-                raise TrainingSetupError(
-                    f"{source}: unknown config key {name!r}; known keys here: {sorted(keys)}"
-                )
+    """Raise :class:`TrainingSetupError` ``<source>: <key>: ...`` for the first unknown or
+    missing key, wrong type or value out of range (:mod:`diffbir.training.config`)."""
+    try:
+        check_mapping(cfg, SCHEMAS[kind])
+    except SettingError as err:
+        raise TrainingSetupError(f"{source}: {err}") from err
 
 
 def _require_file(path: Any, key: str) -> None:
@@ -155,7 +56,6 @@ def check_setup(cfg: Mapping[str, Any], kind: str, source: str = "config") -> No
 
     ``source`` (the config file) starts the messages about keys and values."""
     check_keys(cfg, kind, source)
-    check_types(cfg, source)
     model = cfg["model"]
     if kind == "gm" and model.get("sd_weights"):  # an official SD file of another schedule
         conflict = schedule_conflict(
