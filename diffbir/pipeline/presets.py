@@ -13,19 +13,16 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffbir.config import CONFIG_ROOT, ConfigError, load_config, load_yaml, resolve_config_path
-from diffbir.pipeline.loading import build_restorer, custom_model, resolve_weight_paths
-from diffbir.pipeline.restorer import RestoreOptions, Restorer, SamplerOptions, TileOptions
+from diffbir.pipeline.options import InferenceConfig, RestoreOptions, SamplerOptions
+from diffbir.schema import check_needs
 from diffbir.versions import (
-    CUSTOM,
     DEFAULT_UPSCALE,
     DEFAULT_VERSION,
     TASKS,
@@ -37,79 +34,8 @@ from diffbir.versions import (
 
 PRESET_GROUP = "inference"
 CONFIG_FILE = "config.yaml"
-# What --tiled means: every part tiled at these sizes (image pixels) unless a tile flag says else.
-TILED = TileOptions(
-    stage1=512,
-    stage1_stride=256,
-    vae_encoder=256,
-    vae_decoder=256,
-    diffusion=512,
-    diffusion_stride=256,
-)
 # keys that do not change any output (left out when comparing with an earlier run's config)
-OUTPUT_NEUTRAL_KEYS = ("batch_size", "restore.progress")
-
-
-@dataclass
-class WeightsConfig:
-    """Weight files and model configs; ``None``: the official file of the version and task.
-
-    Official file names are looked for in ``dir`` (default ``$DIFFBIR_WEIGHTS_DIR`` or
-    ``weights/``). ``train_config``: the GM training config of ``--version custom``.
-    """
-
-    dir: str | None = None
-    sd: str | None = None
-    controlnet: str | None = None
-    stage1: str | None = None
-    cldm_config: str | None = None
-    stage1_config: str | None = None
-    train_config: str | None = None
-
-
-# --seed-mode: a seed per image (ours), or the official single stream in file order
-SEED_MODES = ("per-image", "official")
-
-
-@dataclass
-class InferenceConfig:
-    """Everything that decides the outputs of ``diffbir-infer`` (input and output folders
-    aside)."""
-
-    version: str = DEFAULT_VERSION
-    task: str = "sr"
-    seed: int = 231
-    seed_mode: str = "per-image"
-    num_samples: int = 1
-    batch_size: int = 1
-    precision: str = "fp32"
-    device: str = "auto"
-    prompts: str | None = None  # CSV of per-image positive prompts (--prompts)
-    weights: WeightsConfig = field(default_factory=WeightsConfig)
-    restore: RestoreOptions = field(default_factory=RestoreOptions)
-
-    def __post_init__(self) -> None:
-        if self.version not in VERSION_NAMES:
-            raise ValueError(
-                f"--version: expected one of {list(VERSION_NAMES)}, got {self.version!r}"
-            )
-        if self.task not in TASKS:
-            raise ValueError(f"--task: expected one of {list(TASKS)}, got {self.task!r}")
-        if self.num_samples < 1:
-            raise ValueError(f"--num-samples: expected >= 1, got {self.num_samples}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size: expected >= 1, got {self.batch_size}")
-        if self.seed_mode not in SEED_MODES:
-            raise ValueError(f"--seed-mode: expected one of {SEED_MODES}, got {self.seed_mode!r}")
-        if self.seed_mode == "official" and self.batch_size != 1:
-            raise ValueError(
-                "--batch-size: --seed-mode official restores image by image, expected 1, "
-                f"got {self.batch_size}"
-            )
-        if self.weights.train_config and self.version != CUSTOM:
-            raise ValueError(
-                f"--train-config is for --version custom, but --version {self.version} is selected"
-            )
+OUTPUT_NEUTRAL_KEYS = ("batch_size",)
 
 
 def _sampling_defaults(version: str) -> ModelVersion:
@@ -218,6 +144,7 @@ def resolve_config(
         checked = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise _user_error("config", err) from err
+    check_needs(checked, [*flags, *(item.split("=", 1)[0] for item in overrides)])
     return checked, cfg
 
 
@@ -239,42 +166,6 @@ def differing_keys(old: DictConfig, new: DictConfig) -> list[str]:
 
     a, b = flat(old), flat(new)
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-
-
-def build_from_config(
-    cfg: InferenceConfig, device: torch.device | str | None = None, *, compile: bool = False
-) -> Restorer:
-    """The Restorer of a config: official files of its version and task, or ``custom``
-    (``compile``: ``torch.compile`` UNet + IRControlNet)."""
-    w = cfg.weights
-    device = device if device is not None else cfg.device
-    if cfg.version == CUSTOM:
-        custom = custom_model(
-            w.train_config, w.controlnet, sd=w.sd, stage1=w.stage1, stage1_config=w.stage1_config
-        )
-        return build_restorer(
-            cfg.task,
-            custom.paths,
-            version=custom.version,
-            cldm_config=w.cldm_config or custom.cldm_config,
-            stage1_config=custom.stage1_config,
-            device=device,
-            precision=cfg.precision,
-            compile=compile,
-        )
-    paths = resolve_weight_paths(
-        cfg.task, w.dir, version=cfg.version, sd=w.sd, controlnet=w.controlnet, stage1=w.stage1
-    )
-    return build_restorer(
-        cfg.task,
-        paths,
-        version=cfg.version,
-        cldm_config=w.cldm_config or "control_ldm",
-        stage1_config=w.stage1_config,
-        device=device,
-        precision=cfg.precision,
-        compile=compile,
-    )
 
 
 def preset_name(version: str, task: str) -> str:

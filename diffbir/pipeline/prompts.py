@@ -25,7 +25,20 @@ def read_prompts(path: str | os.PathLike) -> dict[str, str]:
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"--prompts {path}: cannot be read ({err})") from err
     prompts: dict[str, str] = {}
-    for line, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+    reader = csv.reader(io.StringIO(text), strict=True)
+    rows = iter(reader)
+    while True:
+        start = reader.line_num + 1  # where the next row begins
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as err:  # e.g. an unterminated quote: the rest would be one prompt
+            raise ValueError(
+                f"--prompts {path}, line {start}: not valid CSV ({err}); quote a "
+                'prompt that holds commas as "..." and double a quote inside it'
+            ) from err
+        line = start
         if not row or (line == 1 and tuple(row) == HEADER):
             continue
         if len(row) != 2 or not row[0].strip():
