@@ -2,7 +2,7 @@
 
 import sys
 
-from diffbir.benchmark import main
+from diffbir.benchmark.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

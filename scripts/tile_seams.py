@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from diffbir.pipeline.loading import WeightPaths, build_restorer
-from diffbir.pipeline.restorer import LATENT_FACTOR, RestoreOptions, TileOptions
+from diffbir.pipeline.options import LATENT_FACTOR, RestoreOptions, TileOptions
 from diffbir.pipeline.tiling import TILE_WEIGHTS, tile_boxes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -62,7 +62,7 @@ def main() -> None:
         img = img.crop((0, 0, img.width // 64 * 64, img.height // 64 * 64))
         lq = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
         base = {"upscale": 1.0, "steps": args.steps, "min_side": 0, "color_fix": "none"}
-        cond = restorer.stage1(lq, RestoreOptions(**base))
+        cond = restorer.condition(lq, RestoreOptions(**base))
         ref_z = restorer.sample(cond, [0], RestoreOptions(**base))
         ref = restorer.finish(ref_z, cond, RestoreOptions(**base)) * 255
         lat_h, lat_w = ref_z.shape[-2:]

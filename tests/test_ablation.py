@@ -287,16 +287,16 @@ def test_variants_restore_through_diffbir_infer_in_an_ablation_table(
     cv2.imwrite(str(data / "hq" / "a.png"), photo)
     cv2.imwrite(str(data / "lq" / "a.png"), cv2.GaussianBlur(photo, (0, 0), 1.5))
     overrides = [
-        "inference.task=custom", "inference.steps=2", "inference.upscale=1",
-        "inference.device=cpu", "inference.cldm_config=control_ldm_tiny",
-        f"inference.sd_weights={parity_dir / 'sd.ckpt'}", "inference.extra_args=[--min-side,32]",
-        f"columns.ircontrolnet.infer.controlnet_weights={parity_dir / 'controlnet.pth'}",
+        "inference.task=custom", "inference.restore.steps=2", "inference.restore.upscale=1",
+        "inference.device=cpu", "inference.weights.cldm_config=control_ldm_tiny",
+        f"inference.weights.sd={parity_dir / 'sd.ckpt'}", "inference.restore.min_side=32",
+        f"columns.ircontrolnet.infer.weights.controlnet={parity_dir / 'controlnet.pth'}",
     ]
     for name in ("concat", "sft"):
         weights = tmp_path / f"{name}.pth"
         save_state_dict(_variant(name, sd_weights).controlnet.state_dict(), weights)
-        overrides += [f"columns.{name}.infer.cldm_config=control_ldm_tiny_{name}",
-                      f"columns.{name}.infer.controlnet_weights={weights}"]
+        overrides += [f"columns.{name}.infer.weights.cldm_config=control_ldm_tiny_{name}",
+                      f"columns.{name}.infer.weights.controlnet={weights}"]
     out = tmp_path / "run"
     argv = ["--preset", "table9", "--data", f"imagenet_val={data}", "--metrics", "psnr,ssim",
             "--out", str(out), *overrides]
@@ -365,7 +365,7 @@ def test_controlnet_variant_restores_through_the_tiled_pipeline(
         device="cpu",
     )
     lq = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    opts = {"upscale": 2.0, "steps": 2, "min_side": 0, "progress": False}
+    opts = {"upscale": 2.0, "steps": 2, "min_side": 0}
     plain = restorer.restore(lq, [3], RestoreOptions(**opts)).samples
     covering = TileOptions(diffusion=64)
     tiled = restorer.restore(lq, [3], RestoreOptions(**opts, tiles=covering)).samples

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffbir.benchmark import PARTS, ROWS, main
+from diffbir.benchmark.cli import ROWS, main
+from diffbir.benchmark.parts import PARTS
 from diffbir.pipeline.device import cpu_has_fast_half
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffbir.pipeline import cli
+from diffbir.pipeline import cli, jobs
 from diffbir.pipeline.image_io import read_image
-from diffbir.pipeline.samples import load_sample
+from diffbir.pipeline.samples import SAMPLE_NAMES, load_sample
 from diffbir.tiny_weights import write_tiny_weights
 from diffbir.weights import OFFICIAL_WEIGHTS
 
@@ -147,7 +147,7 @@ def test_custom_task_without_stage1(weights_dir, input_dir, tmp_path) -> None:
 
 def test_sample_photos_with_tiling_and_guidance(weights_dir, tmp_path, monkeypatch, capsys):
     small = lambda name, scale: load_sample(name, scale, max_side=64)  # noqa: E731
-    monkeypatch.setattr(cli, "load_sample", small)
+    monkeypatch.setattr(jobs, "load_sample", small)
     out = tmp_path / "samples"
     extra = [
         "--tiled", "--stage1-tile", "16", "--stage1-tile-stride", "8",
@@ -157,7 +157,7 @@ def test_sample_photos_with_tiling_and_guidance(weights_dir, tmp_path, monkeypat
     ]  # fmt: skip
     assert cli.main(_args(weights_dir, out, "--upscale", "4", "--min-side", "0", *extra)) == 0
     assert "3 restored" in capsys.readouterr().out
-    for name in cli.SAMPLE_NAMES:
+    for name in SAMPLE_NAMES:
         lq = read_image(out / "inputs" / f"{name}.png")
         assert read_image(out / f"{name}.png").shape == (lq.shape[0] * 4, lq.shape[1] * 4, 3)
 

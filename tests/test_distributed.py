@@ -20,7 +20,7 @@ from PIL import Image
 
 from diffbir.pipeline import cli
 from diffbir.pipeline.device import cpu_has_fast_half
-from diffbir.pipeline.predict import bucket_batches, shard
+from diffbir.pipeline.work import bucket_batches, shard
 from diffbir.tiny_weights import write_tiny_weights
 from diffbir.training.cli import train
 

@@ -27,17 +27,12 @@ from diffbir.diffusion.samplers import SAMPLERS
 from diffbir.diffusion.schedule import NoiseSchedule
 from diffbir.models.norm import GroupNorm32
 from diffbir.pipeline import cli
+from diffbir.pipeline.cleaner import Cleaner, target_size
 from diffbir.pipeline.loading import WeightPaths, build_restorer
-from diffbir.pipeline.restorer import (
-    GuidanceOptions,
-    RestoreOptions,
-    Restorer,
-    SamplerOptions,
-    Stage1,
-    TileOptions,
-    target_size,
-)
+from diffbir.pipeline.options import GuidanceOptions, RestoreOptions, SamplerOptions, TileOptions
+from diffbir.pipeline.restorer import Restorer
 from diffbir.pipeline.tiling import official_gaussian_weight
+from diffbir.pipeline.work import draws_per_restoration
 
 STAGE1 = {
     "sr": ("bsrnet_tiny", "bsrnet.pth"),
@@ -154,7 +149,7 @@ def assert_latent_close(
         return
     key = cond.numpy().tobytes() + repr(options.tiles).encode()
     if key not in _EXACT:
-        exact = Restorer(copy.deepcopy(restorer.cldm), Stage1(None), dtype=torch.float64)
+        exact = Restorer(copy.deepcopy(restorer.cldm).double(), Cleaner(None))
         _EXACT[key] = exact.condition_latent(cond, options)
     exact = _EXACT[key]
     ours_error, official_error = _max_error(ours, exact), _max_error(official, exact)
@@ -172,7 +167,7 @@ def test_official_case(name: str, e2e: dict, restorers: dict[str, Restorer]) -> 
     lq = lq_tensor(case)
     size = target_size(*lq.shape[-2:], options.upscale)
 
-    cond = restorer.stage1(lq, options)
+    cond = restorer.condition(lq, options)
     assert_close_ref(cond, case["stage1"], f"{name}: stage1")
     if name in SAMPLED or FULL:
         trace, z = _sample(restorer, case, cond)
@@ -208,7 +203,9 @@ def test_groupnorm_channels_last_large_mean_small_spread() -> None:
         kernel = torch.nn.functional.group_norm(fast, 8, norm.weight, norm.bias, 1e-6)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert (out.double() - ref).abs().max() < 1e-4
-    assert (norm(x.float()).double() - ref).abs().max() < 1e-4  # contiguous input
+    # contiguous input goes to PyTorch's NCHW kernel as it is: 3e-5 to 1.0e-4 here, depending
+    # on the tensor's memory alignment (an earlier test's allocations decide it)
+    assert (norm(x.float()).double() - ref).abs().max() < 2e-4
     assert (kernel.double() - ref).abs().max() > 1e-2  # what the fix is for
 
 
@@ -265,7 +262,7 @@ def test_official_seed_mode_is_one_stream_in_file_order(parity_dir: Path, tmp_pa
     per_image = _infer(parity_dir, folder, tmp_path / "per_image")
     assert not np.array_equal(per_image["b.png"], alone["b.png"])
     with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["--seed-mode", "global"])
+        cli.main(["--seed-mode", "global"])
     status = cli.main(["--input", str(folder), "--output", str(tmp_path / "x"),
                        "--seed-mode", "official", "--batch-size", "2"])  # fmt: skip
     assert status == 2
@@ -275,7 +272,7 @@ def test_draws_per_restoration_follow_spec() -> None:
     """The draws a skipped image takes from the official stream: x_T plus SPEC's per-sampler
     count (N steps), plus one for the noise augmentation."""
 
-    class Grids:
+    class Grids:  # a LatentSampler's grids
         def grid(self, name: str, steps: int):
             return SAMPLERS[name].make_grid(NoiseSchedule.linear(), steps)
 
@@ -283,6 +280,6 @@ def test_draws_per_restoration_follow_spec() -> None:
                 "edm_lms": 1, "edm_dpm++_sde": 11, "edm_dpm++_3m_sde": 6}  # fmt: skip
     for name, count in expected.items():
         options = RestoreOptions(steps=6, sampler=SamplerOptions(name=name))
-        assert cli.draws_per_restoration(Grids(), options) == count, name
+        assert draws_per_restoration(Grids(), options) == count, name
     augmented = RestoreOptions(steps=6, sampler=SamplerOptions(noise_aug=100))
-    assert cli.draws_per_restoration(Grids(), augmented) == 8
+    assert draws_per_restoration(Grids(), augmented) == 8

@@ -24,7 +24,6 @@ from diffbir.evaluation.metrics import (
     ssim,
 )
 from diffbir.evaluation.tables import LAYOUTS, RowSpec, Table, render_markdown
-from diffbir.pipeline import cli as pipeline_cli
 
 EVAL_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "eval"
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -249,11 +248,14 @@ def test_presets_load_and_use_known_metrics() -> None:
                 assert ds_key in cfg.datasets, (name, ds_key)
                 assert set(values) <= row_keys, (name, set(values) - row_keys)
     table2 = cli.load_preset("table2")
-    scales = [c.infer.guidance_scale for c in table2.columns.values()]
+    scales = [cli.column_config(table2, k, None).restore.guidance.scale for k in table2.columns]
     assert scales == [0.0, 0.5, 1.0]
     assert cli.load_preset("table5").layout == "methods_as_rows"
     with pytest.raises(ValueError, match="bad config override"):
-        cli.load_preset("table2", ["inference.no_such_key=1"])
+        cli.load_preset("table2", ["datasets.no_such_key=1"])
+    typo = cli.load_preset("table2", ["inference.restore.stepz=1"])  # checked as diffbir-infer's
+    with pytest.raises(ValueError, match="column diffbir_s0: .*restore.stepz"):
+        cli.column_config(typo, "diffbir_s0", None)
 
 
 def test_preset_runs_inference_then_scores(real47_dir: Path, tmp_path: Path,
@@ -269,25 +271,23 @@ def test_preset_runs_inference_then_scores(real47_dir: Path, tmp_path: Path,
                     cv2.resize(img, (16, 16), interpolation=cv2.INTER_AREA))
     calls = []
 
-    def fake_infer(argv):
-        args = pipeline_cli.build_parser().parse_intermixed_args(argv)  # the real flags
-        calls.append(args)
-        out = Path(args.output)
+    def fake_infer(cfg, lq, out):
+        calls.append(cfg)
         out.mkdir(parents=True)
-        scale = int(args.upscale)
-        for path in Path(args.input).iterdir():
+        scale = int(cfg.restore.upscale)
+        for path in lq.iterdir():
             img = cv2.imread(str(path))
             size = (img.shape[1] * scale, img.shape[0] * scale)
             cv2.imwrite(str(out / path.name), cv2.resize(img, size, interpolation=cv2.INTER_CUBIC))
         return 0
 
-    monkeypatch.setattr(pipeline_cli, "main", fake_infer)
+    monkeypatch.setattr(cli, "restore_folder", fake_infer)
     out = tmp_path / "run"
     argv = ["--preset", "table2", "--data", f"div2k_val={root}", "--metrics", "psnr,ssim",
-            "--weights-dir", "/w", "--out", str(out), "inference.steps=7"]
+            "--weights-dir", "/w", "--out", str(out), "inference.restore.steps=7"]
     assert cli.main(argv) == 0
     assert len(calls) == 3
-    configs = [pipeline_cli.config_from_args(a)[0] for a in calls]  # what diffbir-infer runs
+    configs = calls  # what the runner gets
     assert [c.restore.guidance.scale for c in configs] == [0.0, 0.5, 1.0]
     assert {(c.version, c.task, c.restore.upscale, c.restore.steps, c.seed, c.weights.dir)
             for c in configs} == {("v2", "sr", 4.0, 7, 231, "/w")}
@@ -301,17 +301,15 @@ def test_table11_times_inference_and_counts_parameters(real47_dir: Path, tmp_pat
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     sizes = []
 
-    def fake_infer(argv):
-        args = pipeline_cli.build_parser().parse_args(argv)
-        out = Path(args.output)
+    def fake_infer(cfg, lq, out):
         out.mkdir(parents=True)
-        for path in Path(args.input).iterdir():
+        for path in lq.iterdir():
             img = cv2.imread(str(path))
             sizes.append(img.shape)
             cv2.imwrite(str(out / path.name), cv2.resize(img, (512, 512)))
         return 0
 
-    monkeypatch.setattr(pipeline_cli, "main", fake_infer)
+    monkeypatch.setattr(cli, "restore_folder", fake_infer)
     monkeypatch.setitem(diffbir_models.MODEL_REGISTRY, "test_linear", "torch.nn:Linear")
     model_yaml = tmp_path / "linear.yaml"
     model_yaml.write_text("name: test_linear\nparams: {in_features: 1000, out_features: 2000}\n")
@@ -372,16 +370,15 @@ def test_ablation_preset_with_per_dataset_metrics(real47_dir: Path, tmp_path: Pa
         cv2.imwrite(str(imagenet / "lq" / f"{path.stem}.png"), cv2.resize(img, (16, 16)))
     calls = []
 
-    def fake_infer(argv):
-        args = pipeline_cli.build_parser().parse_args(argv)
-        calls.append(args)
-        Path(args.output).mkdir(parents=True)
-        for path in Path(args.input).iterdir():
+    def fake_infer(cfg, lq, out):
+        calls.append(cfg)
+        out.mkdir(parents=True)
+        for path in lq.iterdir():
             img = cv2.resize(cv2.imread(str(path)), (64, 64), interpolation=cv2.INTER_CUBIC)
-            cv2.imwrite(str(Path(args.output) / path.name), img)
+            cv2.imwrite(str(out / path.name), img)
         return 0
 
-    monkeypatch.setattr(pipeline_cli, "main", fake_infer)
+    monkeypatch.setattr(cli, "restore_folder", fake_infer)
     monkeypatch.setattr(cli, "load_metrics",
                         lambda names, device="cpu": load_metrics(names, device,
                                                                  factory=_fake_metric_factory))
@@ -391,11 +388,11 @@ def test_ablation_preset_with_per_dataset_metrics(real47_dir: Path, tmp_path: Pa
     assert cli.main(argv) == 2 and not calls  # runs/gm_ablation_no_rm/... does not exist here
     weights = tmp_path / "controlnet.pth"
     weights.write_bytes(b"")
-    argv += [f"columns.no_rm.infer.controlnet_weights={weights}",
-             f"columns.with_rm.infer.controlnet_weights={weights}"]
+    argv += [f"columns.no_rm.infer.weights.controlnet={weights}",
+             f"columns.with_rm.infer.weights.controlnet={weights}"]
     assert cli.main(argv) == 0
     assert len(calls) == 4
-    assert {(a.task, a.controlnet_weights) for a in calls} == {("custom", str(weights)),
+    assert {(c.task, c.weights.controlnet) for c in calls} == {("custom", str(weights)),
                                                               ("sr", str(weights))}
     lines = (out / "table.md").read_text().splitlines()
     assert lines[2] == "| Datasets | Metrics | w/o RM | w/ RM |"

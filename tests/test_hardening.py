@@ -24,8 +24,7 @@ from diffbir.files import TEMP_SUFFIX
 from diffbir.pipeline import cli
 from diffbir.pipeline.checks import memory_problem
 from diffbir.pipeline.image_io import read_image
-from diffbir.pipeline.presets import TILED
-from diffbir.pipeline.restorer import RestoreOptions
+from diffbir.pipeline.options import TILED, RestoreOptions
 
 REPO = Path(__file__).resolve().parent.parent
 GIB = 1024**3

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffbir.benchmark import CopyCounter
+from diffbir.benchmark.timing import CopyCounter
 from diffbir.checkpoint import (
     CheckpointError,
     check_materialized,

@@ -15,19 +15,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from diffbir.models.norm import GroupNorm32
+from diffbir.pipeline.cleaner import target_size
+from diffbir.pipeline.codec import latent_size
 from diffbir.pipeline.color import adain, color_fix, wavelet
 from diffbir.pipeline.device import cpu_has_fast_half
 from diffbir.pipeline.image_io import ImageReadError, list_inputs, read_image, write_png
 from diffbir.pipeline.loading import WeightPaths, build_restorer
+from diffbir.pipeline.options import GuidanceOptions, RestoreOptions, TileOptions
 from diffbir.pipeline.precision import part_dtype
 from diffbir.pipeline.resize import short_side_size
-from diffbir.pipeline.restorer import (
-    GuidanceOptions,
-    RestoreOptions,
-    TileOptions,
-    latent_size,
-    target_size,
-)
 from diffbir.pipeline.tiling import (
     TiledModel,
     gaussian_weight,
@@ -267,7 +263,7 @@ def test_restore_shapes_seeds_and_samples(restorer) -> None:
     lq = torch.rand(2, 3, 20, 28, generator=torch.Generator().manual_seed(1))
     opts = _opts(min_side=64, color_fix="wavelet")
     result = restorer.restore(lq, [[5, 6], [7, 8]], opts)
-    assert result.stage1.shape == (2, 3, 40, 56)
+    assert result.condition.shape == (2, 3, 40, 56)
     assert result.samples.shape == (2, 2, 3, 40, 56)
     assert 0 <= result.samples.min() and result.samples.max() <= 1
     assert not torch.equal(result.samples[0, 0], result.samples[0, 1])  # distinct seeds
@@ -281,7 +277,7 @@ def test_tiled_equals_untiled_when_one_tile_covers(restorer) -> None:
     plain = restorer.restore(lq, [[3]], _opts(guidance=guidance))
     tiles = TileOptions(stage1=32, vae_encoder=64, vae_decoder=64, diffusion=64)
     tiled = restorer.restore(lq, [[3]], _opts(guidance=guidance, tiles=tiles))
-    assert torch.equal(plain.stage1, tiled.stage1)
+    assert torch.equal(plain.condition, tiled.condition)
     assert torch.equal(plain.samples, tiled.samples)
 
 
@@ -313,8 +309,8 @@ def test_half_precision_restoration_is_close_to_fp32(
     tiles = TileOptions(stage1=24, vae_encoder=48, vae_decoder=48, diffusion=48)
     opts = _opts(guidance=GuidanceOptions(scale=0.5), tiles=tiles)
     ref, out = restorer.restore(lq, [[3]], opts), half.restore(lq, [[3]], opts)
-    assert out.samples.dtype == out.stage1.dtype == torch.float32
-    for a, b in ((out.stage1, ref.stage1), (out.samples, ref.samples)):
+    assert out.samples.dtype == out.condition.dtype == torch.float32
+    for a, b in ((out.condition, ref.condition), (out.samples, ref.samples)):
         assert (a - b).abs().max() < 0.05 and (a - b).abs().mean() < 0.005
 
 
@@ -401,6 +397,6 @@ def test_stage1_of_same_size_tasks(parity_dir: Path, task: str, config: str, fil
         device="cpu",
     )
     lq = torch.rand(1, 3, 20, 28, generator=torch.Generator().manual_seed(5))
-    out = restorer.stage1(lq, _opts(upscale=1.5))
+    out = restorer.condition(lq, _opts(upscale=1.5))
     assert out.shape == (1, 3, 30, 42) and torch.isfinite(out).all()
-    assert getattr(restorer.stage1_spec.model, "size_multiple", 1) == (64 if task == "face" else 1)
+    assert getattr(restorer.cleaner.model, "size_multiple", 1) == (64 if task == "face" else 1)

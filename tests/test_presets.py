@@ -15,9 +15,16 @@ from PIL import Image
 
 from diffbir.config import CONFIG_ROOT
 from diffbir.pipeline import cli
-from diffbir.pipeline.presets import PRESET_GROUP, preset_name, preset_text, resolve_config
+from diffbir.pipeline.options import RestoreOptions
+from diffbir.pipeline.presets import (
+    PRESET_GROUP,
+    default_config,
+    dump,
+    preset_name,
+    preset_text,
+    resolve_config,
+)
 from diffbir.pipeline.prompts import read_prompts
-from diffbir.pipeline.restorer import RestoreOptions
 from diffbir.versions import DEFAULT_VERSION, VERSIONS
 
 PRESETS = sorted((CONFIG_ROOT / PRESET_GROUP).glob("*.yaml"))
@@ -137,15 +144,20 @@ def test_other_settings_in_a_used_output_folder_are_refused(
     assert rc == 0 and "0 restored, 2 skipped" in log, log
 
 
-def test_a_folder_without_outputs_takes_new_settings(inputs: Path, tmp_path: Path) -> None:
+def test_missing_weights_write_nothing_and_an_unused_folder_takes_new_settings(
+    official_tiny_dir: Path, tiny_configs: Path, inputs: Path, tmp_path: Path
+) -> None:
     output = tmp_path / "out"
     empty = tmp_path / "no_weights"
     empty.mkdir()
     rc, log = _infer(*_base(empty, inputs, output), "--version", "v2", "--steps", "4")
-    assert rc == 1 and "missing" in log and (output / "config.yaml").is_file()
-    rc, log = _infer(*_base(empty, inputs, output), "--version", "v2", "--steps", "5")
-    assert rc == 1 and "missing" in log  # no outputs yet: the new settings are recorded
-    assert "steps: 5" in (output / "config.yaml").read_text()
+    assert rc == 1 and "missing" in log and not (output / "config.yaml").exists()
+    output.mkdir()
+    (output / "config.yaml").write_text(dump(default_config("v2")))  # a run that restored none
+    rc, log = _infer(*_base(official_tiny_dir, inputs, output), "--version", "v2", "--steps", "2",
+                     "--min-side", "0", "--upscale", "1")  # fmt: skip
+    assert rc == 0, log
+    assert "steps: 2" in (output / "config.yaml").read_text()
 
 
 def test_per_image_prompts_share_a_batch(

@@ -23,14 +23,9 @@ from diffbir.diffusion import (
     rescaled_cfg_scale,
     with_guidance,
 )
-from diffbir.pipeline.restorer import (
-    GuidanceOptions,
-    RestoreOptions,
-    Restorer,
-    SamplerOptions,
-    Stage1,
-    TileOptions,
-)
+from diffbir.pipeline.cleaner import Cleaner
+from diffbir.pipeline.options import GuidanceOptions, RestoreOptions, SamplerOptions, TileOptions
+from diffbir.pipeline.restorer import Restorer
 
 # Draws per run of N steps, as SPEC counts them for the official samplers.
 DRAWS = {
@@ -325,7 +320,7 @@ def test_noise_sources():
 @pytest.fixture(scope="module")
 def restorer_tiny(parity):
     """A Restorer of the parity models, without a stage-1 model."""
-    return Restorer(parity["cldm"], Stage1(model=None))
+    return Restorer(parity["cldm"], Cleaner(model=None))
 
 
 def _options(name: str = "spaced", steps: int = 3, **kwargs) -> RestoreOptions:
@@ -353,22 +348,22 @@ def test_start_point_and_noise_augmentation_draw_in_the_official_order(restorer_
     draws = _draws(5)
     restorer = restorer_tiny
     noise = RecordedNoise(draws)
-    augmented = restorer.stage2(cond01, [0], _options(noise_aug=200), noise=noise)
+    augmented = restorer.sample(cond01, [0], _options(noise_aug=200), noise=noise)
     assert noise.remaining == 0
-    plain = restorer.stage2(cond01, [0], _options(), noise=RecordedNoise(draws[:1] + draws[2:]))
-    from_cond = restorer.stage2(
+    plain = restorer.sample(cond01, [0], _options(), noise=RecordedNoise(draws[:1] + draws[2:]))
+    from_cond = restorer.sample(
         cond01, [0], _options(start_point="cond"), noise=RecordedNoise(draws[:4])
     )
     assert not torch.equal(augmented, plain) and not torch.equal(from_cond, plain)
 
     zero_snr = Restorer(
         restorer.cldm,
-        restorer.stage1_spec,
+        restorer.cleaner,
         schedule=NoiseSchedule.linear(zero_terminal_snr=True),
         parameterization="v",
     )
     outs = [
-        zero_snr.stage2(cond01, [0], _options(start_point=p), noise=RecordedNoise(draws[:4]))
+        zero_snr.sample(cond01, [0], _options(start_point=p), noise=RecordedNoise(draws[:4]))
         for p in ("noise", "cond")
     ]
     assert torch.equal(outs[0], outs[1])
@@ -429,7 +424,7 @@ def test_gm_training_with_a_v_target_from_the_config(parity_dir: Path):
 def test_benchmark_times_a_whole_image_with_a_named_sampler(tmp_path: Path):
     import json
 
-    from diffbir.benchmark import main
+    from diffbir.benchmark.cli import main
 
     out = tmp_path / "bench.json"
     argv = ["--config", "tiny", "--size", "64", "--device", "cpu", "--parts", "image"]
@@ -441,11 +436,10 @@ def test_benchmark_times_a_whole_image_with_a_named_sampler(tmp_path: Path):
 
 
 def test_cli_sampler_flags_reach_the_options_and_are_checked(tmp_path: Path, capsys):
-    from diffbir.pipeline.cli import build_parser, config_from_args, main
+    from diffbir.pipeline.cli import config_from_argv, main
 
     flags = ["--sampler", "edm_lms", "--order", "3", "--rescale-cfg", "--start-point", "cond"]
-    args = build_parser().parse_intermixed_args([*flags, "--noise-aug", "200"])
-    sampler = config_from_args(args)[0].restore.sampler
+    sampler = config_from_argv([*flags, "--noise-aug", "200"])[0].restore.sampler
     assert sampler == SamplerOptions(
         name="edm_lms", order=3, rescale_cfg=True, start_point="cond", noise_aug=200
     )

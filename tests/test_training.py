@@ -297,7 +297,7 @@ def test_resume_without_checkpoint_is_reported(tmp_path, image_lists, capsys):
 def test_exported_weights_restore_an_image(gm_run, rm_run, sd_path):
     """The exported GM and RM weights load in the inference pipeline and restore an image."""
     from diffbir.pipeline.loading import build_restorer, resolve_weight_paths
-    from diffbir.pipeline.restorer import RestoreOptions
+    from diffbir.pipeline.options import RestoreOptions
 
     _, trained, gm_out = gm_run
     rm_out = rm_run[2]
@@ -315,7 +315,7 @@ def test_exported_weights_restore_an_image(gm_run, rm_run, sd_path):
     with torch.no_grad():
         # the pipeline's stage 1 and noise prediction are those of the trained tasks
         cond_image, cond = trained.condition(lq, [""])
-        assert torch.allclose(restorer.stage1(lq, options), cond_image, atol=1e-5)
+        assert torch.allclose(restorer.condition(lq, options), cond_image, atol=1e-5)
         x_t = torch.randn_like(cond["latent"])
         t = torch.tensor([500])
         fresh_cond = restorer.cldm.prepare_condition(cond_image, [""])

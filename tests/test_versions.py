@@ -22,11 +22,12 @@ from diffbir.pipeline.loading import (
     CustomModel,
     WeightPaths,
     WrongVersionError,
+    build_from_config,
     build_restorer,
     custom_model,
     resolve_weight_paths,
 )
-from diffbir.pipeline.presets import build_from_config, preset_name, resolve_config
+from diffbir.pipeline.presets import preset_name, resolve_config
 from diffbir.versions import DEFAULT_VERSION, VERSIONS, get_version, role_of_file, versions_of_file
 
 SPEC_V21_POS = "Cinematic, High Contrast, highly detailed, taken using a Canon EOS R camera"
@@ -92,14 +93,14 @@ def test_each_version_preset_builds_its_files_stage1_and_schedule(
     assert torch.all(restorer.cldm.sd_state_dict()[sd_key] == marker(sd_file))
     control_key = MARKER_KEY["controlnet.pth"]
     assert torch.all(restorer.cldm.controlnet.state_dict()[control_key] == marker(control_file))
-    stage1 = restorer.stage1_spec
+    stage1 = restorer.cleaner
     assert isinstance(stage1.model, stage1_class) and stage1.resize_first == resize_first
     stage1_key = MARKER_KEY[OFFICIAL_TINY[stage1_file][0]]
     assert torch.all(stage1.model.state_dict()[stage1_key] == marker(stage1_file))
     # schedule: v2.1 is zero terminal SNR (its last alpha_bar is 0), v1/v2 the plain linear one
     expected = NoiseSchedule.linear(zero_terminal_snr=version == "v2.1").alphas_cumprod
-    assert torch.equal(restorer.base_schedule.alphas_cumprod, expected)
-    assert (restorer.base_schedule.alphas_cumprod[-1] == 0) == (version == "v2.1")
+    assert torch.equal(restorer.schedule.alphas_cumprod, expected)
+    assert (restorer.schedule.alphas_cumprod[-1] == 0) == (version == "v2.1")
     assert restorer.parameterization == ("v" if version == "v2.1" else "eps")
     # defaults of the version (prompts, sampler, steps, CFG) and of the task (upscale)
     options = cfg.restore
@@ -141,15 +142,16 @@ def test_a_file_of_another_version_is_refused_before_loading(tmp_path: Path) -> 
 
 
 def test_cli_refuses_a_wrong_version_file(official_tiny_dir: Path, tiny_configs, tmp_path, capsys):
+    """A weight file of another version is a bad argument: exit 2, before anything is written."""
     args = [
         "--output", str(tmp_path / "out"), "--weights-dir", str(official_tiny_dir),
         "--controlnet-weights", str(official_tiny_dir / "DiffBIR_v2.1.pt"), "--version", "v2",
         "--steps", "2", "--device", "cpu", "--no-progress",
     ]  # fmt: skip
-    assert cli.main(args) == 1
+    assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert "DiffBIR_v2.1.pt" in err and "--version v2.1" in err
-    assert not list((tmp_path / "out").glob("*.png"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_v21_restores_from_the_last_timestep_of_its_zero_snr_schedule(
@@ -209,8 +211,8 @@ def test_custom_version_reads_the_training_config(
     assert (custom.version.parameterization, custom.version.zero_terminal_snr) == ("eps", False)
     restorer = _build(custom)
     assert torch.all(restorer.cldm.controlnet.state_dict()[key] == 7.0)
-    assert isinstance(restorer.stage1_spec.model, SwinIR) and restorer.stage1_spec.resize_first
-    assert restorer.base_schedule.alphas_cumprod[-1] > 0
+    assert isinstance(restorer.cleaner.model, SwinIR) and restorer.cleaner.resize_first
+    assert restorer.schedule.alphas_cumprod[-1] > 0
 
     v_cfg = _gm_config(tmp_path, official_tiny_dir, "sd2.1-base-zsnr-laionaes5.ckpt",
                        parameterization="v", zero_terminal_snr=True)  # fmt: skip
@@ -219,7 +221,7 @@ def test_custom_version_reads_the_training_config(
     custom = custom_model(v_cfg, export)
     assert (custom.version.parameterization, custom.version.zero_terminal_snr) == ("v", True)
     restorer = _build(custom)
-    assert restorer.base_schedule.alphas_cumprod[-1] == 0 and restorer.parameterization == "v"
+    assert restorer.schedule.alphas_cumprod[-1] == 0 and restorer.parameterization == "v"
 
     # the config says eps, but the SD file is the v-prediction one of v2.1: refused
     wrong = _gm_config(tmp_path, official_tiny_dir, "sd2.1-base-zsnr-laionaes5.ckpt")

@@ -16,7 +16,8 @@ Paper tables::
 
 loads ``configs/eval/<preset>.yaml``; ``--data NAME=DIR`` sets the root folder of dataset NAME
 (or the folder of reference set NAME, e.g. ``ffhq``); ``key=value`` overrides any preset key.
-Columns whose result folder does not exist yet are produced first by ``diffbir.pipeline.cli``.
+Columns whose result folder does not exist yet are produced first by the restoration runner
+(the preset's ``inference`` and each column's ``infer`` hold ``diffbir-infer`` config keys).
 Extra ``--result NAME=DIR`` columns (e.g. baselines) read ``DIR/<dataset key>`` (or ``DIR`` when
 the preset has one dataset). Metrics that cannot run here are printed as n/a with the reason.
 
@@ -62,6 +63,9 @@ from diffbir.evaluation.tables import (
     write_per_image_csv,
 )
 from diffbir.files import OutputFolderError, check_output_folder
+from diffbir.pipeline.options import InferenceConfig, RunOptions
+from diffbir.pipeline.presets import resolve_config
+from diffbir.pipeline.runner import Runner
 
 TIME_ROW = RowSpec("time_ms", "Inference Time (ms)", higher_is_better=False, decimals=2)
 PARAMS_ROW = RowSpec("params_m", "Model Size (M)", higher_is_better=False, decimals=2)
@@ -212,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="preset: root folder of dataset NAME or reference set NAME")
     parser.add_argument("--weights-dir", help="preset: weights folder passed to inference")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="preset: overrides of preset keys, e.g. inference.steps=20")
+                        help="preset: overrides of preset keys, e.g. inference.restore.steps=20")
     return parser
 
 
@@ -262,7 +266,12 @@ def load_preset(name_or_path: str, overrides: Sequence[str] = (),
     from diffbir.config import load_config
 
     try:
-        cfg = load_config(name_or_path, overrides, group="eval")
+        cfg = load_config(name_or_path, group="eval")
+        # inference settings are diffbir-infer config keys, checked by column_config
+        for node in [cfg.get("inference"), *(c.get("infer") for c in cfg.columns.values())]:
+            if node is not None:
+                OmegaConf.set_struct(node, False)
+        cfg = load_config(cfg, overrides)
     except ValueError as err:
         raise EvaluationError(str(err)) from err
     for name, folder in data:
@@ -316,47 +325,23 @@ def _preset_datasets(cfg: DictConfig) -> list[Dataset]:
     return datasets
 
 
-# preset ``inference``/``infer`` keys -> diffbir-infer flags (see ``diffbir-infer --help``)
-_INFER_FLAGS = {
-    "version": "--version", "task": "--task", "upscale": "--upscale", "steps": "--steps",
-    "seed": "--seed",
-    "cfg_scale": "--cfg-scale", "weights_dir": "--weights-dir", "sd_weights": "--sd-weights",
-    "controlnet_weights": "--controlnet-weights", "stage1_weights": "--stage1-weights",
-    "cldm_config": "--cldm-config", "stage1_config": "--stage1-config", "device": "--device",
-}
+def restore_folder(cfg: InferenceConfig, lq: Path, out: Path) -> int:
+    """Restore the images of ``lq`` into ``out`` with the one runner; returns its status."""
+    run = RunOptions(input=str(lq), output=str(out), progress=False)
+    return Runner(cfg, run).run().status
 
 
-def _inference_argv(settings: dict, lq: Path, out: Path) -> list[str]:
-    """``diffbir-infer`` arguments; ``guidance_scale`` s > 0 turns restoration guidance on."""
-    unknown = sorted(set(settings) - set(_INFER_FLAGS) - {"guidance_scale", "extra_args"})
-    if unknown:
-        raise EvaluationError(f"unknown inference setting(s) {unknown}; known: "
-                              f"{sorted(_INFER_FLAGS) + ['guidance_scale', 'extra_args']}")
-    argv = ["--input", str(lq), "--output", str(out), "--no-progress"]
-    for key, flag in _INFER_FLAGS.items():
-        if settings.get(key) is not None:
-            argv += [flag, str(settings[key])]
-    scale = settings.get("guidance_scale")
-    if scale is not None and float(scale) > 0:
-        argv += ["--guidance", "--g-scale", str(scale)]
-    return argv + [str(a) for a in settings.get("extra_args") or []]
-
-
-def run_inference(settings: dict, lq: Path, out: Path, what: str) -> float:
-    """Run ``diffbir.pipeline.cli.main`` into ``out`` (atomically); returns seconds taken."""
-    try:
-        from diffbir.pipeline.cli import main as infer_main
-    except ImportError as err:
-        raise EvaluationError(f"{what}: inference needs diffbir.pipeline.cli ({err})") from err
+def run_inference(cfg: InferenceConfig, lq: Path, out: Path, what: str) -> float:
+    """Restore ``lq`` into ``out`` (atomically: the folder appears only when complete);
+    returns the seconds taken."""
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
-    argv = _inference_argv(settings, lq, partial)
-    print(f"{what}: diffbir-infer {' '.join(argv)}", file=sys.stderr)
+    print(f"{what}: restoring {lq} into {out}", file=sys.stderr)
     start = time.perf_counter()
-    code = infer_main(argv)
+    code = restore_folder(cfg, lq, partial)
     seconds = time.perf_counter() - start
-    if code not in (0, None):
+    if code != 0:
         raise EvaluationError(f"{what}: inference failed with exit code {code}")
     if not partial.is_dir():
         raise EvaluationError(f"{what}: inference wrote no output folder {partial}")
@@ -364,22 +349,41 @@ def run_inference(settings: dict, lq: Path, out: Path, what: str) -> float:
     return seconds
 
 
-def _column_settings(cfg: DictConfig, key: str) -> dict:
-    settings = {}
+def _flat(node: dict, prefix: str = "") -> dict[str, object]:
+    items: dict[str, object] = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            items.update(_flat(value, f"{prefix}{key}."))
+        else:
+            items[f"{prefix}{key}"] = value
+    return items
+
+
+def column_config(cfg: DictConfig, key: str, weights_dir: str | None) -> InferenceConfig:
+    """The inference config of column ``key``: the preset's ``inference`` keys, then the
+    column's ``infer`` keys (both in the keys of ``diffbir-infer --config``), then
+    ``--weights-dir``; checked as a run of ``diffbir-infer`` checks it."""
+    settings: dict[str, object] = {}
     for part in (cfg.get("inference"), cfg.columns[key].get("infer")):
         if part is not None:
-            settings.update(OmegaConf.to_container(part, resolve=True))
-    return settings
+            settings.update(_flat(OmegaConf.to_container(part, resolve=True)))
+    if weights_dir is not None:
+        settings["weights.dir"] = weights_dir
+    try:
+        checked, _ = resolve_config(None, [], settings)
+    except ValueError as err:
+        raise EvaluationError(f"column {key}: {err}") from err
+    return checked
 
 
-def _check_weight_files(settings: dict, column: str) -> None:
+def _check_weight_files(cfg: InferenceConfig, column: str) -> None:
     """Fail before any inference when a column names a weight file that does not exist."""
-    for key in ("sd_weights", "controlnet_weights", "stage1_weights"):
-        path = settings.get(key)
+    for name in ("sd", "controlnet", "stage1"):
+        path = getattr(cfg.weights, name)
         if path is not None and not Path(path).is_file():
             raise EvaluationError(
-                f"column {column}: {key} file {path} not found (train it first, or pass "
-                f"columns.{column}.infer.{key}=PATH)"
+                f"column {column}: weights.{name} file {path} not found (train it first, or pass "
+                f"columns.{column}.infer.weights.{name}=PATH)"
             )
 
 
@@ -388,23 +392,23 @@ def _preset_columns(
     weights_dir: str | None,
 ) -> list[Column]:
     """The preset's columns (restored first where their result folders are missing), then the
-    ``--result`` columns."""
+    ``--result`` columns. Every column's config is checked before any inference."""
+    configs = {}
     for key, col in cfg.columns.items():
         pending = [ds for ds in datasets if not (out_dir / "results" / ds.key / key).is_dir()]
         if col.get("infer") is not None and pending:
-            _check_weight_files(_column_settings(cfg, key), key)
+            configs[key] = column_config(cfg, key, weights_dir)
+            _check_weight_files(configs[key], key)
     columns = []
     for key, col in cfg.columns.items():
         column = Column(col.get("label") or key)
         for ds in datasets:
             folder = out_dir / "results" / ds.key / key
-            if not folder.is_dir() and col.get("infer") is not None:
+            if not folder.is_dir() and key in configs:
                 if ds.lq is None:
                     raise EvaluationError(f"column {key} on {ds.key}: no LQ folder to restore; "
                                           f"pass --data {ds.key}=DIR")
-                settings = _column_settings(cfg, key)
-                settings["weights_dir"] = weights_dir or settings.get("weights_dir")
-                run_inference(settings, ds.lq, folder, f"{column.name} on {ds.label}")
+                run_inference(configs[key], ds.lq, folder, f"{column.name} on {ds.label}")
             column.folders[ds.key] = folder if folder.is_dir() else None
         columns.append(column)
     for name, root in extra:
@@ -499,19 +503,19 @@ def _add_timing(table: Table, cfg: DictConfig, datasets, out_dir: Path, weights_
     one = work / "inputs_1"
     one.mkdir()
     shutil.copy(inputs[0], one / inputs[0].name)
-    settings = _column_settings(cfg, timing.column)
-    settings["weights_dir"] = weights_dir or settings.get("weights_dir")
+    infer = column_config(cfg, timing.column, weights_dir)
     label = cfg.columns[timing.column].get("label") or timing.column
-    t_one = run_inference(settings, one, work / "out_1", "timing (1 image)")
+    t_one = run_inference(infer, one, work / "out_1", "timing (1 image)")
     if len(inputs) > 1:
-        t_all = run_inference(settings, work / "inputs", work / "out_all", "timing")
+        t_all = run_inference(infer, work / "inputs", work / "out_all", "timing")
         per_image = (t_all - t_one) / (len(inputs) - 1)
         how = f"(T({len(inputs)} images) − T(1 image)) / {len(inputs) - 1}, model loading excluded"
     else:
         per_image, how = t_one, "one image, model loading included"
     table.values[(table.datasets[0], label, TIME_ROW.key)] = per_image * 1000.0
     table.notes.append(f"Inference time: {timing.input_size}×{timing.input_size} inputs, "
-                       f"{how}; settings {settings}")
+                       f"{how}; DiffBIR {infer.version}, {infer.restore.steps} steps of "
+                       f"{infer.restore.sampler.name}")
     table.rows.append(TIME_ROW)
 
 

@@ -1,30 +1,39 @@
-"""Inference: the two-stage pipeline, tiling, image I/O and the ``diffbir-infer`` CLI."""
+"""Inference: the two-stage restoration (cleaner, latent codec, sampler), the options, the one
+runner behind every way of running it, and the ``diffbir-infer`` CLI."""
 
+from diffbir.pipeline.cleaner import Cleaner
 from diffbir.pipeline.device import PRECISIONS, resolve_device, retain_cpu_heap
-from diffbir.pipeline.loading import TASKS, WeightPaths, build_restorer, resolve_weight_paths
-from diffbir.pipeline.restorer import (
-    DEFAULT_NEG_PROMPT,
+from diffbir.pipeline.loading import (
+    TASKS,
+    WeightPaths,
+    build_from_config,
+    build_restorer,
+    resolve_weight_paths,
+)
+from diffbir.pipeline.options import (
     GuidanceOptions,
+    InferenceConfig,
     RestoreOptions,
-    Restorer,
-    RestoreResult,
+    RunOptions,
     SamplerOptions,
-    Stage1,
     TileOptions,
 )
+from diffbir.pipeline.restorer import Restorer, RestoreResult
 
 __all__ = [
-    "DEFAULT_NEG_PROMPT",
     "PRECISIONS",
+    "TASKS",
+    "Cleaner",
     "GuidanceOptions",
+    "InferenceConfig",
     "RestoreOptions",
     "RestoreResult",
     "Restorer",
+    "RunOptions",
     "SamplerOptions",
-    "Stage1",
-    "TASKS",
     "TileOptions",
     "WeightPaths",
+    "build_from_config",
     "build_restorer",
     "resolve_device",
     "resolve_weight_paths",

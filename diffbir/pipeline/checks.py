@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from diffbir.pipeline.cleaner import target_size
+from diffbir.pipeline.options import LATENT_FACTOR, RestoreOptions
 from diffbir.pipeline.resize import short_side_size
-from diffbir.pipeline.restorer import LATENT_FACTOR, RestoreOptions, target_size
 
 
 def _work_size(height: int, width: int, min_side: int) -> tuple[int, int]:

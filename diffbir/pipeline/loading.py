@@ -19,9 +19,11 @@ from diffbir.checkpoint import (
 )
 from diffbir.config import build_model, load_config
 from diffbir.diffusion import NoiseSchedule
+from diffbir.pipeline.cleaner import Cleaner
 from diffbir.pipeline.device import PRECISIONS, resolve_device, warn_if_slow_precision
+from diffbir.pipeline.options import InferenceConfig
 from diffbir.pipeline.precision import place_models
-from diffbir.pipeline.restorer import Restorer, Stage1
+from diffbir.pipeline.restorer import Restorer
 from diffbir.versions import (
     CUSTOM,
     DEFAULT_VERSION,
@@ -141,6 +143,130 @@ def check_paths(paths: WeightPaths) -> None:
     check_weights(roles)
 
 
+@dataclass(frozen=True)
+class ModelPlan:
+    """What a run will load, checked but not read: the task, the version, the weight files and
+    the model configs (:func:`plan_models`)."""
+
+    task: str
+    version: ModelVersion
+    paths: WeightPaths
+    cldm_config: str
+    stage1_config: str | None
+
+
+def plan_models(
+    task: str,
+    paths: WeightPaths | None = None,
+    *,
+    version: str | ModelVersion = DEFAULT_VERSION,
+    weights_dir: str | os.PathLike | None = None,
+    cldm_config: str = "control_ldm",
+    stage1_config: str | None = None,
+) -> ModelPlan:
+    """The checks of the models of a run that need no file: the task, the stage-1 config and
+    each file's version (:class:`WrongVersionError`); :func:`check_paths` checks that the files
+    are there."""
+    if task not in TASKS:
+        raise ValueError(f"--task: expected one of {list(TASKS)}, got {task!r}")
+    if isinstance(version, str):
+        version = get_version(version)
+    spec = version.stage1.get(task)
+    if paths is None:
+        paths = resolve_weight_paths(task, weights_dir, version=version.name)
+    stage1_config = stage1_config or (spec.config if spec else None)
+    if paths.stage1 is not None and stage1_config is None:
+        raise ValueError(f"--task {task} with --stage1-weights needs --stage1-config")
+    if stage1_config is not None and paths.stage1 is None:
+        raise ValueError(f"stage-1 config {stage1_config!r} given without --stage1-weights")
+    check_version(paths, version, task)
+    return ModelPlan(task, version, paths, str(cldm_config), stage1_config)
+
+
+def plan_from_config(cfg: InferenceConfig) -> ModelPlan:
+    """The :class:`ModelPlan` of a config: the official files of its version and task, or
+    ``custom`` (the models of a GM training config)."""
+    w = cfg.weights
+    if cfg.version == CUSTOM:
+        custom = custom_model(
+            w.train_config, w.controlnet, sd=w.sd, stage1=w.stage1, stage1_config=w.stage1_config
+        )
+        return plan_models(
+            cfg.task,
+            custom.paths,
+            version=custom.version,
+            cldm_config=w.cldm_config or custom.cldm_config,
+            stage1_config=custom.stage1_config,
+        )
+    paths = resolve_weight_paths(
+        cfg.task, w.dir, version=cfg.version, sd=w.sd, controlnet=w.controlnet, stage1=w.stage1
+    )
+    return plan_models(
+        cfg.task,
+        paths,
+        version=cfg.version,
+        cldm_config=w.cldm_config or "control_ldm",
+        stage1_config=w.stage1_config,
+    )
+
+
+def load_restorer(
+    plan: ModelPlan,
+    *,
+    device: torch.device | str = "auto",
+    precision: str | torch.dtype = "fp32",
+    compile: bool = False,
+) -> Restorer:
+    """Build the models of ``plan`` from their configs, load the weight files and place them on
+    ``device`` (``auto``, ``cpu``, ``cuda``, ...) in ``precision`` (fp32, fp16, bf16 or a dtype;
+    :mod:`~diffbir.pipeline.precision` says which part runs in it); ``compile``:
+    ``torch.compile`` UNet + IRControlNet."""
+    if isinstance(precision, str):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {sorted(PRECISIONS)}, got {precision!r}")
+        precision = PRECISIONS[precision]
+    device = resolve_device(device) if isinstance(device, str) else device
+    warn_if_slow_precision(device, precision)
+    paths, version = plan.paths, plan.version
+    check_paths(paths)
+    # Parameters built empty in their final dtypes, then the memory-mapped file tensors become
+    # them: one copy of the weights at any time; then everything moves to the device.
+    with empty_parameters():
+        cldm = build_model(load_config(plan.cldm_config), source=plan.cldm_config)
+        stage1_cfg = None if paths.stage1 is None else load_config(plan.stage1_config)
+        model = (
+            None if stage1_cfg is None else build_model(stage1_cfg, source=plan.stage1_config)
+        )
+    place_models(cldm, model, None, precision)
+    cldm.load_sd_weights(read_state_dict(paths.sd), str(paths.sd), assign=True)
+    cldm.load_controlnet_weights(
+        _controlnet_state_dict(paths.controlnet), str(paths.controlnet), assign=True
+    )
+    check_materialized(cldm, f"{paths.sd} + {paths.controlnet}")
+
+    cleaner = Cleaner(model=None)
+    if model is not None:
+        load_weights(model, read_state_dict(paths.stage1), str(paths.stage1), assign=True)
+        check_materialized(model, str(paths.stage1))
+        spec = version.stage1.get(plan.task)
+        # our RM (version custom) is a same-size SwinIR, trained on LQ at the HQ size
+        same_size = version.name == CUSTOM
+        cleaner = Cleaner(
+            model=model,
+            resize_first=spec.resize_first if spec else same_size,
+            enlarge_first=spec.enlarge_first if spec else same_size,
+        )
+    place_models(cldm, model, device, precision)
+    schedule = NoiseSchedule.linear(zero_terminal_snr=version.zero_terminal_snr)
+    return Restorer(
+        cldm,
+        cleaner,
+        schedule=schedule,
+        parameterization=version.parameterization,
+        compile=compile,
+    )
+
+
 def build_restorer(
     task: str,
     paths: WeightPaths | None = None,
@@ -153,72 +279,32 @@ def build_restorer(
     precision: str | torch.dtype = "fp32",
     compile: bool = False,
 ) -> Restorer:
-    """Build the models from configs, load the weight files and wrap them in a Restorer.
+    """Check (:func:`plan_models`) and load (:func:`load_restorer`) the models of ``task``.
 
     ``version`` (:mod:`diffbir.versions`) decides the official files, the stage 1 of each task
-    and the noise schedule; ``paths`` default to its files in ``weights_dir``. An official file
-    of another version is refused (:class:`WrongVersionError`). ``stage1_config`` overrides the
-    task's stage-1 config (required for task ``custom`` when a stage-1 weight file is given;
-    with ``custom`` and no weights there is no stage-1 model).
-    ``device``: ``auto``, ``cpu``, ``cuda``, ...; ``precision``: fp32, fp16, bf16 or a dtype
-    (:mod:`~diffbir.pipeline.precision` says which part runs in it); ``compile``:
-    ``torch.compile`` UNet + IRControlNet.
+    and the noise schedule; ``paths`` default to its files in ``weights_dir``. ``stage1_config``
+    overrides the task's stage-1 config (required for task ``custom`` when a stage-1 weight file
+    is given; with ``custom`` and no weights there is no stage-1 model).
     """
-    if task not in TASKS:
-        raise ValueError(f"--task: expected one of {list(TASKS)}, got {task!r}")
-    if isinstance(version, str):
-        version = get_version(version)
-    spec = version.stage1.get(task)
-    if paths is None:
-        paths = resolve_weight_paths(task, weights_dir, version=version.name)
-    if isinstance(precision, str):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision: expected one of {sorted(PRECISIONS)}, got {precision!r}")
-        precision = PRECISIONS[precision]
-    device = resolve_device(device) if isinstance(device, str) else device
-    warn_if_slow_precision(device, precision)
-    stage1_config = stage1_config or (spec.config if spec else None)
-    if paths.stage1 is not None and stage1_config is None:
-        raise ValueError(f"--task {task} with --stage1-weights needs --stage1-config")
-    if stage1_config is not None and paths.stage1 is None:
-        raise ValueError(f"stage-1 config {stage1_config!r} given without --stage1-weights")
-    check_version(paths, version, task)
-    check_paths(paths)
-
-    # Parameters built empty in their final dtypes, then the memory-mapped file tensors become
-    # them: one copy of the weights at any time (the Restorer then moves them to the device).
-    with empty_parameters():
-        cldm = build_model(load_config(cldm_config), source=str(cldm_config))
-        stage1_cfg = None if paths.stage1 is None else load_config(stage1_config)
-        model = (
-            None if stage1_cfg is None else build_model(stage1_cfg, source=str(stage1_config))
-        )
-    place_models(cldm, model, None, precision)
-    cldm.load_sd_weights(read_state_dict(paths.sd), str(paths.sd), assign=True)
-    cldm.load_controlnet_weights(
-        _controlnet_state_dict(paths.controlnet), str(paths.controlnet), assign=True
+    plan = plan_models(
+        task,
+        paths,
+        version=version,
+        weights_dir=weights_dir,
+        cldm_config=cldm_config,
+        stage1_config=stage1_config,
     )
-    check_materialized(cldm, f"{paths.sd} + {paths.controlnet}")
+    return load_restorer(plan, device=device, precision=precision, compile=compile)
 
-    stage1 = Stage1(model=None)
-    if model is not None:
-        load_weights(model, read_state_dict(paths.stage1), str(paths.stage1), assign=True)
-        check_materialized(model, str(paths.stage1))
-        # our RM (version custom) is a same-size SwinIR, trained on LQ at the HQ size
-        same_size = version.name == CUSTOM
-        stage1 = Stage1(
-            model=model,
-            resize_first=spec.resize_first if spec else same_size,
-            enlarge_first=spec.enlarge_first if spec else same_size,
-        )
-    schedule = NoiseSchedule.linear(zero_terminal_snr=version.zero_terminal_snr)
-    return Restorer(
-        cldm,
-        stage1,
-        device=device,
-        dtype=precision,
-        schedule=schedule,
-        parameterization=version.parameterization,
+
+def build_from_config(
+    cfg: InferenceConfig, device: torch.device | str | None = None, *, compile: bool = False
+) -> Restorer:
+    """The Restorer of a config (``device`` default: the config's)."""
+    return load_restorer(
+        plan_from_config(cfg),
+        device=device if device is not None else cfg.device,
+        precision=cfg.precision,
         compile=compile,
     )
 
