@@ -268,7 +268,7 @@ def test_model_config_errors_name_file_and_key(weights_dir, tmp_path, capsys):  
         "syntax.yaml": (tiny.replace("name: control_ldm", "name: [control_ldm"), "line"),
         "unknown.yaml": (tiny + "  colour: red\n", "params.colour"),
         "type.yaml": (tiny.replace("latent_scale_factor: 0.18215", "latent_scale_factor: abc"),
-                      "params.latent_scale_factor: expected a number"),
+                      "params.latent_scale_factor: expected a finite number"),
         "nested.yaml": (tiny.replace("legacy: false\n  controlnet", "legsy: false\n  controlnet"),
                         "legsy"),
     }  # fmt: skip

@@ -152,7 +152,7 @@ def test_missing_weights_write_nothing_and_an_unused_folder_takes_new_settings(
     empty.mkdir()
     rc, log = _infer(*_base(empty, inputs, output), "--version", "v2", "--steps", "4")
     assert rc == 1 and "missing" in log and not (output / "config.yaml").exists()
-    output.mkdir()
+    output.mkdir(exist_ok=True)
     (output / "config.yaml").write_text(dump(default_config("v2")))  # a run that restored none
     rc, log = _infer(*_base(official_tiny_dir, inputs, output), "--version", "v2", "--steps", "2",
                      "--min-side", "0", "--upscale", "1")  # fmt: skip
