@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from diffbir.checkpoint import read_state_dict
 from diffbir.config import build_model, load_config
-from diffbir.data.degradation import RealESRGANDegradation
+from diffbir.data.realesrgan import RealESRGANDegradation
 from diffbir.models.ablation import (
     VARIANTS,
     AblationControlLDM,

@@ -13,19 +13,17 @@ import torch
 from omegaconf import OmegaConf
 
 from diffbir.data.datasets import PairedDegradationDataset
-from diffbir.data.degradation import (
-    FirstOrderDegradation,
-    FirstOrderParams,
-    RealESRGANDegradation,
+from diffbir.data.degradation import FirstOrderDegradation, FirstOrderParams, build_degradation
+from diffbir.data.make_benchmark import main as make_benchmark
+from diffbir.data.operations import (
     add_gaussian_noise,
-    build_degradation,
     gaussian_kernel,
     generalized_gaussian_kernel,
     jpeg_compress,
     plateau_kernel,
     sinc_kernel,
 )
-from diffbir.data.make_benchmark import main as make_benchmark
+from diffbir.data.realesrgan import RealESRGANDegradation
 
 
 def _textured(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -13,7 +13,8 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from diffbir import models as diffbir_models
-from diffbir.evaluation import cli
+from diffbir.evaluation import cli, scoring
+from diffbir.evaluation import presets as eval_presets
 from diffbir.evaluation.metrics import (
     METRICS,
     MetricUnavailable,
@@ -139,7 +140,7 @@ def _fails_for_lpips(name: str, device: str):
 
 def test_table_from_degraded_real47(real47_dir: Path, degraded: dict[str, Path], tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "load_metrics", _load_with_injected_failure)
+    monkeypatch.setattr(scoring, "load_metrics", _load_with_injected_failure)
     names = {"Bicubic-x4": "bicubic_x4", "Blur": "blur", "Bicubic-x2": "bicubic_x2"}
     argv = ["--gt", str(real47_dir), "--metrics", "psnr,ssim,lpips", "--out", str(tmp_path)]
     for name, how in names.items():
@@ -237,7 +238,7 @@ def test_presets_load_and_use_known_metrics() -> None:
     assert presets == sorted(f"table{n}" for n in range(1, 12))
     row_keys = set(METRICS) | {"time_ms", "params_m"}
     for name in presets:
-        cfg = cli.load_preset(name)
+        cfg = eval_presets.load_preset(name)
         assert set(cfg.metrics) <= set(METRICS), name
         assert cfg.layout in LAYOUTS
         for column in cfg.columns.values():
@@ -247,15 +248,16 @@ def test_presets_load_and_use_known_metrics() -> None:
             for ds_key, values in per_dataset.items():
                 assert ds_key in cfg.datasets, (name, ds_key)
                 assert set(values) <= row_keys, (name, set(values) - row_keys)
-    table2 = cli.load_preset("table2")
-    scales = [cli.column_config(table2, k, None).restore.guidance.scale for k in table2.columns]
+    table2 = eval_presets.load_preset("table2")
+    scales = [eval_presets.column_config(table2, k, None).restore.guidance.scale
+              for k in table2.columns]
     assert scales == [0.0, 0.5, 1.0]
-    assert cli.load_preset("table5").layout == "methods_as_rows"
+    assert eval_presets.load_preset("table5").layout == "methods_as_rows"
     with pytest.raises(ValueError, match="bad config override"):
-        cli.load_preset("table2", ["datasets.no_such_key=1"])
-    typo = cli.load_preset("table2", ["inference.restore.stepz=1"])  # checked as diffbir-infer's
+        eval_presets.load_preset("table2", ["datasets.no_such_key=1"])
+    typo = eval_presets.load_preset("table2", ["inference.restore.stepz=1"])  # as diffbir-infer's
     with pytest.raises(ValueError, match="column diffbir_s0: .*restore.stepz"):
-        cli.column_config(typo, "diffbir_s0", None)
+        eval_presets.column_config(typo, "diffbir_s0", None)
 
 
 def test_preset_runs_inference_then_scores(real47_dir: Path, tmp_path: Path,
@@ -281,7 +283,7 @@ def test_preset_runs_inference_then_scores(real47_dir: Path, tmp_path: Path,
             cv2.imwrite(str(out / path.name), cv2.resize(img, size, interpolation=cv2.INTER_CUBIC))
         return 0
 
-    monkeypatch.setattr(cli, "restore_folder", fake_infer)
+    monkeypatch.setattr(eval_presets, "restore_folder", fake_infer)
     out = tmp_path / "run"
     argv = ["--preset", "table2", "--data", f"div2k_val={root}", "--metrics", "psnr,ssim",
             "--weights-dir", "/w", "--out", str(out), "inference.restore.steps=7"]
@@ -309,7 +311,7 @@ def test_table11_times_inference_and_counts_parameters(real47_dir: Path, tmp_pat
             cv2.imwrite(str(out / path.name), cv2.resize(img, (512, 512)))
         return 0
 
-    monkeypatch.setattr(cli, "restore_folder", fake_infer)
+    monkeypatch.setattr(eval_presets, "restore_folder", fake_infer)
     monkeypatch.setitem(diffbir_models.MODEL_REGISTRY, "test_linear", "torch.nn:Linear")
     model_yaml = tmp_path / "linear.yaml"
     model_yaml.write_text("name: test_linear\nparams: {in_features: 1000, out_features: 2000}\n")
@@ -330,7 +332,8 @@ def test_count_parameters_builds_on_meta_device(tmp_path: Path,
     monkeypatch.setitem(diffbir_models.MODEL_REGISTRY, "test_linear", "torch.nn:Linear")
     model_yaml = tmp_path / "big.yaml"
     model_yaml.write_text("name: test_linear\nparams: {in_features: 100000, out_features: 100000}")
-    assert cli.count_parameters([str(model_yaml)]) == pytest.approx(10000.1)  # 40 GB if real
+    count = eval_presets.count_parameters([str(model_yaml)])
+    assert count == pytest.approx(10000.1)  # 40 GB if real
 
 
 def test_pyiqa_wrapper_paths_with_weightless_metrics(degraded: dict[str, Path],
@@ -378,8 +381,8 @@ def test_ablation_preset_with_per_dataset_metrics(real47_dir: Path, tmp_path: Pa
             cv2.imwrite(str(out / path.name), img)
         return 0
 
-    monkeypatch.setattr(cli, "restore_folder", fake_infer)
-    monkeypatch.setattr(cli, "load_metrics",
+    monkeypatch.setattr(eval_presets, "restore_folder", fake_infer)
+    monkeypatch.setattr(scoring, "load_metrics",
                         lambda names, device="cpu": load_metrics(names, device,
                                                                  factory=_fake_metric_factory))
     out = tmp_path / "run"
@@ -420,7 +423,7 @@ def test_fid_against_a_reference_folder(real47_dir: Path, degraded: dict[str, Pa
         calls.append((result_dir, ref_dir))
         return float(len(list(result_dir.iterdir())) - len(list(ref_dir.iterdir())))
 
-    monkeypatch.setattr(cli, "load_metrics", lambda names, device="cpu": (
+    monkeypatch.setattr(scoring, "load_metrics", lambda names, device="cpu": (
         {"fid": fake_fid}, {}))
     argv = ["--result", f"Blur={degraded['blur']}", "--result", f"X4={degraded['bicubic_x4']}",
             "--metrics", "fid", "--fid-ref", str(real47_dir), "--out", str(tmp_path)]

@@ -31,11 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from diffbir.data.degradation import (
-    FirstOrderDegradation,
-    RealESRGANDegradation,
-    build_degradation,
-)
+from diffbir.data.degradation import FirstOrderDegradation, build_degradation
+from diffbir.data.realesrgan import RealESRGANDegradation
 
 logger = logging.getLogger(__name__)
 

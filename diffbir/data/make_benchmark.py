@@ -19,7 +19,8 @@ import cv2
 import numpy as np
 
 from diffbir.data.datasets import IMAGE_EXTENSIONS, _read_image
-from diffbir.data.degradation import FirstOrderDegradation, RealESRGANDegradation
+from diffbir.data.degradation import FirstOrderDegradation
+from diffbir.data.realesrgan import RealESRGANDegradation
 from diffbir.files import OutputFolderError, atomic_path, check_output_folder
 
 logger = logging.getLogger(__name__)

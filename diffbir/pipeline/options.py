@@ -6,7 +6,8 @@ overrides (:mod:`diffbir.pipeline.presets`), the demo's controls and the names i
 are generated. :class:`InferenceConfig` holds what decides the outputs (written to
 ``config.yaml`` beside them); :class:`RunOptions` how and where a run goes (input and output
 folders, processes, progress bars). Values are checked when an instance is built, before
-anything is read, written or loaded.
+anything is read, written or loaded. (One field per option, about fifty with their help texts:
+the module is long because it is the one home of every option.)
 """
 
 from __future__ import annotations
