@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchsde
 from conftest import assert_close_ref
 
 from diffbir.diffusion import (
     SAMPLERS,
+    BrownianNoise,
     EdmGrid,
     GuidedModel,
     ModelDenoiser,
@@ -107,7 +109,7 @@ def test_sampler_reproduces_the_official_cases(parity, name: str):
         noise = RecordedNoise(case["noises"])
         knobs = {k: v for k, v in case["params"].items() if k in spec.knobs}
         with torch.no_grad():
-            out = spec.fn(
+            out = spec.sample(
                 ModelDenoiser(model, grid, case["parameterization"]),
                 parity["data"]["x_T"],
                 grid,
@@ -166,7 +168,7 @@ def run(name: str, model, base, x_T, noise, parameterization="eps", steps=6, gui
     denoise = ModelDenoiser(model, grid, parameterization)
     if guidance is not None:
         denoise = with_guidance(denoise, guidance, grid)
-    return spec.fn(denoise, x_T, grid, noise=noise)
+    return spec.sample(denoise, x_T, grid, noise=noise)
 
 
 @pytest.mark.parametrize("grid_of", ["spaced", "ddim", "dpm++_m2", "edm_euler"])
@@ -312,6 +314,84 @@ def test_noise_sources():
     assert torch.equal(recorded(like), torch.ones_like(like)) and recorded.remaining == 0
     with pytest.raises(RuntimeError, match="used up"):
         recorded(like)
+
+
+# ---------------------------------------------------------------- Brownian paths
+
+
+class _RecordingStream:
+    """A run's stream whose Brownian path records every draw as (level, next_level, draw)."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.path, self.draws = stream, None, []
+
+    def __call__(self, like, level=None, next_level=None):
+        return self.stream(like, level, next_level)
+
+    def brownian(self, like, sigma_min, sigma_max):
+        self.path = self.stream.brownian(like, sigma_min, sigma_max)
+
+        def draw(like_, level=None, next_level=None):
+            self.draws.append((level, next_level, self.path(like_, level, next_level)))
+            return self.draws[-1][2]
+
+        return draw
+
+
+@pytest.mark.parametrize("stream", [PerImageNoise([5, 6]), OfficialNoise(5)], ids=type)
+def test_dpmpp_sde_draws_two_increments_of_one_path_per_step(stream):
+    """edm_dpm++_sde asks, per step, for noise over t->s and over t->t_next (overlapping): scaled
+    back by sqrt(|d sigma|), the second is the first plus the path's increment over s->t_next."""
+    base = NoiseSchedule.linear(zero_terminal_snr=True)
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    recording = _RecordingStream(stream)
+    run("edm_dpm++_sde", toy_model(base, "v"), base, x_T, recording, "v", steps=5)
+    assert len(recording.draws) == 2 * 4
+    for (t, s, first), (t_, t_next, second) in zip(
+        recording.draws[::2], recording.draws[1::2], strict=True
+    ):
+        assert t == t_ and t > s > t_next > 0
+        rest = recording.path(x_T, s, t_next) * abs(s - t_next) ** 0.5
+        whole = second * abs(t - t_next) ** 0.5
+        tol = 1e-6 * whole.abs().max().item()
+        torch.testing.assert_close(first * abs(t - s) ** 0.5 + rest, whole, rtol=0, atol=tol)
+        assert not torch.allclose(first, second, atol=0.1)  # not one draw reused
+
+
+def test_official_brownian_path_is_the_spec_tree_seeded_by_one_draw_of_the_stream():
+    """SPEC: the tree's seed is ``torch.randint(0, 2**63 - 1, [])`` drawn from the run's stream
+    when the sampler starts; one torchsde tree (w0 = zeros of the whole batch); the noise over
+    (a, b) is (W(b) - W(a)) / sqrt(|b - a|)."""
+    like = torch.zeros(2, 3, 4, 4)
+    gen = torch.Generator().manual_seed(9)
+    x_T = torch.randn(like.shape, generator=gen)
+    seed = torch.randint(0, 2**63 - 1, [], generator=gen)
+    after = torch.randn(like.shape, generator=gen)
+    stream = OfficialNoise(9)
+    assert torch.equal(stream(like), x_T)
+    path = stream.brownian(like, 0.5, 80.0)
+    assert torch.equal(stream(like), after)  # the path took one draw, and only one
+    tree = torchsde.BrownianTree(0.5, torch.zeros(like.shape), 80.0, entropy=int(seed))
+    assert torch.equal(path(like, 10.0, 2.0), (tree(2.0, 10.0) * -1) / 8.0**0.5)
+    assert torch.equal(path(like, 2.0, 10.0), tree(2.0, 10.0) / 8.0**0.5)
+    with pytest.raises(ValueError, match="two noise levels"):
+        path(like)
+    with pytest.raises(ValueError, match="a batch of 2 for 3 tree seeds"):
+        BrownianNoise(like, 0.5, 80.0, [1, 2, 3])
+
+
+def test_per_image_brownian_paths_do_not_depend_on_the_batch(restorer_tiny):
+    """One tree per image, seeded from that image's generator: a restoration with an SDE
+    sampler gives an image the same result alone or inside a batch."""
+    conds = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    options = _options("edm_dpm++_sde", steps=3)
+    pair = restorer_tiny.stage2(conds, [5, 6], options)
+    alone = restorer_tiny.stage2(conds[1:], [6], options)
+    torch.testing.assert_close(pair[1:], alone, rtol=0, atol=1e-5)
+    like = torch.zeros(2, 4, 4, 4)
+    pair_path = PerImageNoise([5, 6]).brownian(like, 0.1, 50.0)
+    alone_path = PerImageNoise([6]).brownian(like[:1], 0.1, 50.0)
+    assert torch.equal(pair_path(like, 20.0, 3.0)[1:], alone_path(like[:1], 20.0, 3.0))
 
 
 # ---------------------------------------------------------------- the restorer

@@ -3,7 +3,13 @@
 from diffbir.diffusion.denoiser import GuidedModel, ModelDenoiser, rescaled_cfg_scale
 from diffbir.diffusion.grids import DpmSolverGrid, EdmGrid
 from diffbir.diffusion.guidance import RestorationGuidance, region_weight_map, with_guidance
-from diffbir.diffusion.noise import OfficialNoise, PerImageNoise, RecordedNoise, gaussian_noise
+from diffbir.diffusion.noise import (
+    BrownianNoise,
+    OfficialNoise,
+    PerImageNoise,
+    RecordedNoise,
+    gaussian_noise,
+)
 from diffbir.diffusion.samplers import SAMPLERS, SamplerSpec
 from diffbir.diffusion.schedule import (
     NoiseLevel,
@@ -17,6 +23,7 @@ from diffbir.diffusion.schedule import (
 
 __all__ = [
     "SAMPLERS",
+    "BrownianNoise",
     "DpmSolverGrid",
     "EdmGrid",
     "GuidedModel",

@@ -7,7 +7,9 @@ Each sampler is ``sample_<name>(denoise, x, grid, *, noise, callback=None, <knob
   on an :class:`EdmGrid`.
 - ``x`` is the unit-variance start noise x_T (EDM samplers scale it by ``sqrt(1 + sigma_0^2)``).
 - ``noise(like, level, next_level)`` is called for every draw, where the official code draws,
-  even when the draw is unused (see :mod:`diffbir.diffusion.noise`).
+  even when the draw is unused (see :mod:`diffbir.diffusion.noise`). The SDE samplers draw
+  increments of one Brownian path: :meth:`SamplerSpec.sample` starts that path from the run's
+  stream, as the official builds its tree when the sampler starts.
 - ``callback({"i", "x", "level", "denoised"})`` after each step.
 
 Coefficients are Python floats read off the grid (no device reads in the loop); multistep
@@ -29,7 +31,7 @@ from torch import Tensor
 
 from diffbir.diffusion.denoiser import Denoiser
 from diffbir.diffusion.grids import DpmSolverGrid, EdmGrid, Grid
-from diffbir.diffusion.noise import NoiseSource
+from diffbir.diffusion.noise import NoiseSource, NoiseStream
 from diffbir.diffusion.schedule import NoiseSchedule, SpacedSchedule
 
 StepCallback = Callable[[dict[str, Any]], None]
@@ -531,12 +533,32 @@ ANCESTRAL_KNOBS = ("eta", "s_noise")
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A sampler: its function, how to build its grid for N steps, and its knobs."""
+    """A sampler: its function, how to build its grid for N steps, its knobs, and whether it
+    draws Brownian increments (``brownian``: the official SDE samplers' torchsde tree)."""
 
     name: str
     fn: Callable[..., Tensor]
     make_grid: GridBuilder
     knobs: tuple[str, ...] = ()
+    brownian: bool = False
+
+    def sample(
+        self,
+        denoise: Denoiser,
+        x: Tensor,
+        grid: Grid,
+        *,
+        noise: NoiseStream,
+        callback: StepCallback | None = None,
+        **knobs: Any,
+    ) -> Tensor:
+        """Run the sampler from ``x`` as the official runs it: a Brownian sampler first takes
+        its path from ``noise`` over the grid's positive sigmas (the official draws the tree's
+        seed here, after x_T and the noise augmentation), the others draw from ``noise``."""
+        if self.brownian:
+            positive = [s for s in grid.sigmas if s > 0]
+            noise = noise.brownian(x, min(positive), max(positive))
+        return self.fn(denoise, x, grid, noise=noise, callback=callback, **knobs)
 
     def check_knobs(
         self, knobs: Mapping[str, Any], names: Mapping[str, str] | None = None
@@ -557,6 +579,11 @@ def _spec(name: str, fn: Callable[..., Tensor], make_grid: GridBuilder, knobs=()
     return SamplerSpec(name, fn, make_grid, tuple(knobs))
 
 
+def _sde(name: str, fn: Callable[..., Tensor]) -> SamplerSpec:
+    """An EDM SDE sampler: ancestral knobs, noise from a Brownian path."""
+    return SamplerSpec(name, fn, EdmGrid.from_base, ANCESTRAL_KNOBS, brownian=True)
+
+
 SAMPLERS: dict[str, SamplerSpec] = {
     spec.name: spec
     for spec in (
@@ -570,9 +597,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
         _spec("edm_dpm_2_a", sample_edm_dpm_2_a, EdmGrid.from_base, ANCESTRAL_KNOBS),
         _spec("edm_lms", sample_edm_lms, EdmGrid.from_base, ("order",)),
         _spec("edm_dpm++_2s_a", sample_edm_dpmpp_2s_a, EdmGrid.from_base, ANCESTRAL_KNOBS),
-        _spec("edm_dpm++_sde", sample_edm_dpmpp_sde, EdmGrid.from_base, ANCESTRAL_KNOBS),
+        _sde("edm_dpm++_sde", sample_edm_dpmpp_sde),
         _spec("edm_dpm++_2m", sample_edm_dpmpp_2m, EdmGrid.from_base),
-        _spec("edm_dpm++_2m_sde", sample_edm_dpmpp_2m_sde, EdmGrid.from_base, ANCESTRAL_KNOBS),
-        _spec("edm_dpm++_3m_sde", sample_edm_dpmpp_3m_sde, EdmGrid.from_base, ANCESTRAL_KNOBS),
+        _sde("edm_dpm++_2m_sde", sample_edm_dpmpp_2m_sde),
+        _sde("edm_dpm++_3m_sde", sample_edm_dpmpp_3m_sde),
     )
 }

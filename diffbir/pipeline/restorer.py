@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from diffbir.diffusion.noise import NoiseSource, PerImageNoise
+from diffbir.diffusion.noise import NoiseStream, PerImageNoise
 from diffbir.diffusion.schedule import NoiseSchedule, Parameterization
 from diffbir.pipeline.cleaner import Cleaner, target_size
 from diffbir.pipeline.codec import LatentCodec
@@ -94,7 +94,7 @@ class Restorer:
         seeds: Sequence[int],
         options: RestoreOptions,
         pos_prompts: Sequence[str] | None = None,
-        noise: NoiseSource | None = None,
+        noise: NoiseStream | None = None,
         trace: dict[str, Tensor] | None = None,
         callback: StepCallback | None = None,
     ) -> Tensor:
@@ -135,7 +135,7 @@ class Restorer:
         seeds: Sequence[int | Sequence[int]],
         options: RestoreOptions,
         pos_prompts: Sequence[str] | None = None,
-        noise: NoiseSource | None = None,
+        noise: NoiseStream | None = None,
         callback: StepCallback | None = None,
     ) -> RestoreResult:
         """Restore a batch (B, 3, H, W) in [0, 1].

@@ -2,7 +2,7 @@
 
 The denoiser is built as a fixed chain, then one registry call: the model (tiled when asked)
 -> classifier-free guidance (one batched forward) -> eps/v to x0 -> restoration guidance on x0;
-``SAMPLERS[name].fn(denoise, x_T, grid, noise=...)``.
+``SAMPLERS[name].sample(denoise, x_T, grid, noise=...)``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from diffbir.diffusion.denoiser import ConditionalModel, GuidedModel, ModelDenoiser
 from diffbir.diffusion.grids import Grid
 from diffbir.diffusion.guidance import Guidance, RestorationGuidance, with_guidance
-from diffbir.diffusion.noise import NoiseSource
+from diffbir.diffusion.noise import NoiseStream
 from diffbir.diffusion.samplers import SAMPLERS
 from diffbir.diffusion.schedule import NoiseSchedule, Parameterization, check_parameterization
 from diffbir.pipeline.codec import latent_size
@@ -106,7 +106,7 @@ class LatentSampler:
         index = torch.tensor([distinct.index(p) for p in pos_prompts], device=texts.device)
         return texts[index], texts[distinct.index(neg_prompt)][None]
 
-    def _diffused(self, latent: Tensor, t: int, noise: NoiseSource) -> Tensor:
+    def _diffused(self, latent: Tensor, t: int, noise: NoiseStream) -> Tensor:
         """``latent`` diffused to timestep ``t`` with a draw of ``noise``."""
         steps = torch.full((latent.shape[0],), t, dtype=torch.long, device=latent.device)
         return self.schedule.q_sample(latent, steps, noise(latent))
@@ -118,7 +118,7 @@ class LatentSampler:
         latent: Tensor,
         pos_prompts: Sequence[str],
         options: RestoreOptions,
-        noise: NoiseSource,
+        noise: NoiseStream,
         *,
         trace: dict[str, Tensor] | None = None,
         callback: StepCallback | None = None,
@@ -166,7 +166,7 @@ class LatentSampler:
             def step(info: dict[str, Any]) -> None:
                 callback({**info, "total": total})
 
-        z = SAMPLERS[sampler.name].fn(
+        z = SAMPLERS[sampler.name].sample(
             denoise, x_T, grid, noise=noise, callback=step, **sampler.knobs
         )
         crop_h, crop_w = latent_size(height, width, options.tiles, sampled=False)

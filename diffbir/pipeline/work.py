@@ -7,7 +7,8 @@ working size: a batch really fills) and cuts them into batches, each image drawi
 generator seeded by ``derive_seed(run seed, key, sample)``, so neither order, batch size nor
 process count changes an output; :class:`OfficialStream` restores every image in file order,
 one sample at a time, from one stream seeded once (the official code's draws), replaying the
-draws of finished images so that the ones after them get the noise of a complete run.
+draws of finished images (:func:`take_draws`) so that the ones after them get the noise of a
+complete run.
 
 :func:`restore_item` restores one loaded item and returns images and failure records (it
 neither writes nor prints); :class:`OutputWriter` writes them atomically and keeps the report.
@@ -27,7 +28,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from diffbir.diffusion.noise import OfficialNoise
+from diffbir.diffusion.noise import NoiseStream, OfficialNoise
 from diffbir.diffusion.samplers import SAMPLERS
 from diffbir.pipeline.checks import memory_limit, memory_problem
 from diffbir.pipeline.codec import latent_size
@@ -198,26 +199,23 @@ class OfficialStream:
         options = recipe.options
         cond = restorer.condition(lq, options)
         like = torch.empty(1, 4, *latent_size(*cond.shape[-2:], options.tiles))
-        for _ in range(recipe.samples * draws_per_restoration(restorer.sampler, options)):
-            self.noise(like)
+        for _ in range(recipe.samples):
+            take_draws(restorer.sampler, options, self.noise, like)
 
 
-def draws_per_restoration(sampler: LatentSampler, options: RestoreOptions) -> int:
-    """How many draws one restoration by ``sampler`` takes from its noise source: x_T, the
-    noise augmentation and the sampler's (counted by running the sampler on a one-pixel
-    latent)."""
-    count = [0]
-
-    def counting(like: Tensor, *levels: object) -> Tensor:
-        count[0] += 1
-        return torch.zeros_like(like)
-
+def take_draws(
+    sampler: LatentSampler, options: RestoreOptions, noise: NoiseStream, like: Tensor
+) -> None:
+    """Take from ``noise`` what one restoration by ``sampler`` of a latent like ``like`` takes:
+    x_T, the noise augmentation, then the sampler's draws (its Brownian path's seed included),
+    by running the sampler over a zero denoiser."""
+    for _ in range(1 + (options.sampler.noise_aug > 0)):
+        noise(like)
     name = options.sampler.name
-    SAMPLERS[name].fn(
-        lambda x, level: torch.zeros_like(x), torch.zeros(1, 1, 1, 1),
-        sampler.grid(name, options.steps), noise=counting, **options.sampler.knobs,
+    SAMPLERS[name].sample(
+        lambda x, level: torch.zeros_like(x), like, sampler.grid(name, options.steps),
+        noise=noise, **options.sampler.knobs,
     )  # fmt: skip
-    return count[0] + 1 + (options.sampler.noise_aug > 0)
 
 
 def noise_strategy(cfg: InferenceConfig) -> NoiseStrategy:

@@ -164,7 +164,7 @@ class GenerationModuleTask(TrainingTask):
         grid = spec.make_grid(self.schedule, steps)
         denoise = ModelDenoiser(GuidedModel(self.cldm, cond), grid, self.parameterization)
         noise = OfficialNoise(generator)
-        z0 = spec.fn(denoise, noise(cond["latent"]), grid, noise=noise)
+        z0 = spec.sample(denoise, noise(cond["latent"]), grid, noise=noise)
         return (self.cldm.vae_decode(z0) + 1) / 2
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
