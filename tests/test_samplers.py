@@ -381,13 +381,14 @@ def test_official_brownian_path_is_the_spec_tree_seeded_by_one_draw_of_the_strea
 
 
 def test_per_image_brownian_paths_do_not_depend_on_the_batch(restorer_tiny):
-    """One tree per image, seeded from that image's generator: a restoration with an SDE
-    sampler gives an image the same result alone or inside a batch."""
+    """One tree per image, seeded from that image's generator: an SDE sampler gives an image
+    the same image alone or inside a batch (its latent differs in float32 rounding only, as
+    with every sampler: a batch of two convolves with other last bits than a batch of one)."""
     conds = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     options = _options("edm_dpm++_sde", steps=3)
-    pair = restorer_tiny.stage2(conds, [5, 6], options)
-    alone = restorer_tiny.stage2(conds[1:], [6], options)
-    torch.testing.assert_close(pair[1:], alone, rtol=0, atol=1e-5)
+    pair = restorer_tiny.finish(restorer_tiny.sample(conds, [5, 6], options), conds, options)
+    alone = restorer_tiny.finish(restorer_tiny.sample(conds[1:], [6], options), conds[1:], options)
+    torch.testing.assert_close(pair[1:], alone, rtol=0, atol=1e-4)  # < 1/40 grey level
     like = torch.zeros(2, 4, 4, 4)
     pair_path = PerImageNoise([5, 6]).brownian(like, 0.1, 50.0)
     alone_path = PerImageNoise([6]).brownian(like[:1], 0.1, 50.0)
