@@ -232,9 +232,9 @@ def test_llava_missing_files_name_file_place_and_command(llava_dir: Path, tmp_pa
 
 def test_llava_precision_choices(llava_dir: Path, real47_dir: Path) -> None:
     for bits in ("4bit", "8bit"):
-        with pytest.raises(CaptionerError, match=f"captioner_precision {bits}: .*CUDA"):
+        with pytest.raises(CaptionerError, match=f"--captioner-precision {bits}: .*CUDA"):
             build_captioner("llava", model=llava_dir, precision=bits, device="cpu")
-    with pytest.raises(CaptionerError, match="captioner_precision: expected one of 4bit"):
+    with pytest.raises(CaptionerError, match="--captioner-precision: expected one of 4bit"):
         build_captioner("llava", model=llava_dir, precision="fp64")
     # What CUDA would load (not runnable here): the official builder's 4-bit settings.
     nf4 = _quantization(4)
@@ -286,7 +286,7 @@ def test_captioner_inputs_and_streaming(real47_dir: Path) -> None:
     ]:
         with pytest.raises(CaptionerError, match=f"image 1: {reason}"):
             captioner.caption([photo, bad])
-    with pytest.raises(CaptionerError, match="captioner_batch_size"):
+    with pytest.raises(CaptionerError, match="--captioner-batch-size"):
         build_captioner("none", batch_size=0)
 
     read = []

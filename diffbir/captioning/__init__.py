@@ -21,7 +21,9 @@ from diffbir.captioning.registry import (
     OFFICIAL_CAPTIONER,
     RAM_UNAVAILABLE,
     build_captioner,
+    check_captioner,
     hub_model,
+    resolve_precision,
 )
 
 __all__ = [
@@ -34,6 +36,8 @@ __all__ = [
     "MissingCaptionerFilesError",
     "NoCaptioner",
     "build_captioner",
+    "check_captioner",
     "hub_model",
     "join_prompt",
+    "resolve_precision",
 ]

@@ -86,7 +86,7 @@ class Captioner(ABC):
     def __init__(self, batch_size: int = 1) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise CaptionerError(
-                f"captioner_batch_size: expected an integer >= 1, got {batch_size!r}"
+                f"--captioner-batch-size: expected an integer >= 1, got {batch_size!r}"
             )
         self.batch_size = batch_size
         self.closed = False

@@ -11,6 +11,7 @@ first, joined with ``", "`` as the official run joins RAM's tags.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,6 +46,15 @@ VOCABULARY = (
 )  # fmt: skip
 
 
+def check_clip_tags(
+    model: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """The package and the model folder with every file, checked without loading; returns
+    the folder."""
+    require_packages("open_clip")
+    return resolve_model_folder(model, CLIP_TAGS, cache_dir=cache_dir)
+
+
 class ClipTagger(Captioner):
     """Zero-shot tags from an open_clip model (see the module docstring)."""
 
@@ -62,10 +72,9 @@ class ClipTagger(Captioner):
         min_probability: float = 0.05,
     ) -> None:
         super().__init__(batch_size)
-        require_packages("open_clip")
+        folder = check_clip_tags(model, cache_dir=cache_dir)
         import open_clip
 
-        folder = resolve_model_folder(model, CLIP_TAGS, cache_dir=cache_dir)
         self.device = torch.device(device)
         self.model, self.preprocess = open_clip.create_model_from_pretrained(
             f"local-dir:{folder}", device=self.device

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ _LLAVA_V1_SYSTEM = (
 )
 _LLAVA_V1_ROLES = ("USER", "ASSISTANT")
 
-# captioner_precision -> (model dtype, bitsandbytes bits or None)
+# --captioner-precision -> (model dtype, bitsandbytes bits or None)
 PRECISIONS: dict[str, tuple[torch.dtype, int | None]] = {
     "4bit": (torch.float16, 4),
     "8bit": (torch.float16, 8),
@@ -120,17 +121,17 @@ def prompt_token_ids(tokenizer, image_token_id: int, image_tokens: int, prompt: 
 def _check_precision(precision: str, device: torch.device) -> tuple[torch.dtype, int | None]:
     if precision not in PRECISIONS:
         raise CaptionerError(
-            f"captioner_precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}"
+            f"--captioner-precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}"
         )
     dtype, bits = PRECISIONS[precision]
     if bits is not None and device.type != "cuda":
         raise CaptionerError(
-            f"captioner_precision {precision}: {bits}-bit loading (bitsandbytes) needs a CUDA "
+            f"--captioner-precision {precision}: {bits}-bit loading (bitsandbytes) needs a CUDA "
             f"device, got {device}; use fp32 (or bf16, fp16) here"
         )
     if device.type == "cpu" and not cpu_has_fast_half(dtype):
         warnings.warn(
-            f"captioner_precision {precision}: this CPU has no native {precision} support, so "
+            f"--captioner-precision {precision}: this CPU has no native {precision} support, so "
             "captioning runs far slower than in fp32 here",
             stacklevel=3,
         )
@@ -146,6 +147,22 @@ def _check_transformers_version() -> None:
             f"captioner llava: needs transformers >= {MIN_TRANSFORMERS} (its PIL image-processor "
             f"backend), found {transformers.__version__}; run `pip install 'diffbir[caption]'`"
         )
+
+
+def check_llava(
+    model: str | os.PathLike,
+    *,
+    precision: str,
+    device: torch.device,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[torch.dtype, int | None, Path]:
+    """What loading the model needs, checked without loading it: the precision on ``device``,
+    the packages, and the model folder with every file. Returns the model dtype, the
+    bitsandbytes bits (or None) and the folder."""
+    dtype, bits = _check_precision(precision, device)
+    require_packages("transformers", "accelerate", *(["bitsandbytes"] if bits else []))
+    _check_transformers_version()
+    return dtype, bits, resolve_model_folder(model, LLAVA, cache_dir=cache_dir)
 
 
 def _quantization(bits: int):
@@ -182,10 +199,9 @@ class LlavaCaptioner(Captioner):
     ) -> None:
         super().__init__(batch_size)
         self.device = torch.device(device)
-        self.dtype, bits = _check_precision(precision, self.device)
-        require_packages("transformers", "accelerate", *(["bitsandbytes"] if bits else []))
-        _check_transformers_version()
-        folder = resolve_model_folder(model, LLAVA, cache_dir=cache_dir)
+        self.dtype, bits, folder = check_llava(
+            model, precision=precision, device=self.device, cache_dir=cache_dir
+        )
         from transformers import (
             AutoImageProcessor,
             AutoTokenizer,

@@ -33,6 +33,19 @@ RAM_UNAVAILABLE = (
 
 CAPTIONER_NAMES = ("none", "llava", "ram", "clip-tags")
 OFFICIAL_CAPTIONER = "llava"
+AUTO_PRECISION = "auto"
+
+
+def resolve_precision(name: str, precision: str, device: str | torch.device) -> str:
+    """``precision`` with ``auto`` replaced: for ``llava`` on CUDA the official 4bit, else
+    fp32 (bitsandbytes' 4/8-bit needs CUDA; half precision is slow on most CPUs)."""
+    if precision != AUTO_PRECISION:
+        return precision
+    if name == "llava" and torch.device(device).type == "cuda":
+        from diffbir.captioning.llava import OFFICIAL_PRECISION
+
+        return OFFICIAL_PRECISION
+    return "fp32"
 
 
 def hub_model(name: str) -> HubModel:
@@ -43,6 +56,51 @@ def hub_model(name: str) -> HubModel:
             f"captioner {name!r} has no model files to fetch; expected one of {sorted(models)}"
         )
     return models[name]
+
+
+def _model(name: str, model: str | os.PathLike | None) -> str | os.PathLike:
+    return model if model is not None else hub_model(name).repo_id
+
+
+def _check_name(name: str) -> None:
+    if name == "ram":
+        raise CaptionerUnavailableError(RAM_UNAVAILABLE)
+    if name not in CAPTIONER_NAMES:
+        raise CaptionerError(
+            f"captioner: expected one of {', '.join(CAPTIONER_NAMES)}, got {name!r}"
+        )
+
+
+def _check_clip_tags_precision(precision: str) -> None:
+    if precision != "fp32":
+        raise CaptionerError(f"--captioner-precision: clip-tags runs in fp32, got {precision!r}")
+
+
+def check_captioner(
+    name: str,
+    *,
+    model: str | os.PathLike | None = None,
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+) -> None:
+    """What :func:`build_captioner` would refuse, checked without loading a model (name,
+    precision on ``device``, packages, every model file), so that a run can fail before it
+    writes anything."""
+    _check_name(name)
+    precision = resolve_precision(name, precision, device)
+    if name == "llava":
+        from diffbir.captioning.llava import check_llava
+
+        check_llava(
+            _model(name, model), precision=precision, device=torch.device(device),
+            cache_dir=cache_dir,
+        )  # fmt: skip
+    elif name == "clip-tags":
+        from diffbir.captioning.clip_tags import check_clip_tags
+
+        _check_clip_tags_precision(precision)
+        check_clip_tags(_model(name, model), cache_dir=cache_dir)
 
 
 def build_captioner(
@@ -59,31 +117,26 @@ def build_captioner(
     ``model``: a folder holding the model, or a Hub repository id looked up in the Hub cache
     (``cache_dir``, default the Hub's usual cache); default: the official model's repository.
     Nothing is downloaded (``diffbir-download --captioner NAME`` does that). ``precision``:
-    4bit, 8bit (CUDA only), fp16, bf16 or fp32 (``llava``); ``clip-tags`` runs in fp32.
+    4bit, 8bit (CUDA only), fp16, bf16 or fp32 (``llava``), or ``auto``
+    (:func:`resolve_precision`); ``clip-tags`` runs in fp32.
     """
-    if name == "none":
-        return NoCaptioner(batch_size)
-    if name == "ram":
-        raise CaptionerUnavailableError(RAM_UNAVAILABLE)
+    _check_name(name)
+    precision = resolve_precision(name, precision, device)
     if name == "llava":
-        from diffbir.captioning.llava import LLAVA, LlavaCaptioner
+        from diffbir.captioning.llava import LlavaCaptioner
 
         return LlavaCaptioner(
-            model if model is not None else LLAVA.repo_id,
+            _model(name, model),
             precision=precision,
             device=device,
             batch_size=batch_size,
             cache_dir=cache_dir,
         )
     if name == "clip-tags":
-        from diffbir.captioning.clip_tags import CLIP_TAGS, ClipTagger
+        from diffbir.captioning.clip_tags import ClipTagger
 
-        if precision != "fp32":
-            raise CaptionerError(f"captioner_precision: clip-tags runs in fp32, got {precision!r}")
+        _check_clip_tags_precision(precision)
         return ClipTagger(
-            model if model is not None else CLIP_TAGS.repo_id,
-            device=device,
-            batch_size=batch_size,
-            cache_dir=cache_dir,
+            _model(name, model), device=device, batch_size=batch_size, cache_dir=cache_dir
         )
-    raise CaptionerError(f"captioner: expected one of {', '.join(CAPTIONER_NAMES)}, got {name!r}")
+    return NoCaptioner(batch_size)

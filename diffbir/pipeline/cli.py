@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from diffbir.captioning import CaptionerUnavailableError
 from diffbir.checkpoint import CheckpointError
 from diffbir.pipeline.arguments import parse
 from diffbir.pipeline.loading import WrongVersionError
@@ -33,16 +34,16 @@ def config_from_argv(argv: Sequence[str] | None = None) -> tuple[InferenceConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``diffbir-infer``; returns the exit status (0 done, 1 some inputs failed
-    or weights missing or unreadable, 2 bad arguments, config or weight-file version, 130
-    interrupted)."""
+    """Entry point of ``diffbir-infer``; returns the exit status (0 done, 1 some inputs failed,
+    weights missing or unreadable, or the captioner unavailable, 2 bad arguments, config or
+    weight-file version, 130 interrupted)."""
     try:
         cfg, run = config_from_argv(argv)
         return Runner(cfg, run).run().status
     except KeyboardInterrupt:
         print("interrupted (before any image was restored)", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except MissingWeightsError as err:
+    except (MissingWeightsError, CaptionerUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except WrongVersionError as err:

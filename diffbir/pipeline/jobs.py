@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +28,13 @@ from diffbir.pipeline.image_io import (
 )
 from diffbir.pipeline.options import InferenceConfig, RunOptions
 from diffbir.pipeline.presets import CONFIG_FILE, differing_keys, dump
-from diffbir.pipeline.prompts import PROMPTS_FILE, prompts_csv, read_prompts
+from diffbir.pipeline.prompts import (
+    PROMPTS_FILE,
+    PromptRow,
+    prompts_csv,
+    read_prompt_rows,
+    read_prompts,
+)
 from diffbir.pipeline.samples import SAMPLE_NAMES, load_sample
 
 STAGE1_DIR = "stage1"
@@ -233,15 +239,24 @@ def record_run(
     jobs: list[Job],
     todo: list[Job],
     overwrite: bool,
+    captions: Mapping[str, str] | None = None,
+    uncaptioned: Collection[str] = (),
 ) -> None:
     """Write ``config.yaml`` and ``prompts.csv`` beside the outputs before any work (checked
     by :func:`check_config_record` first). Rows of ``prompts.csv`` for skipped inputs keep the
-    prompt they were made with."""
+    prompt (and caption) they were made with; ``captions``: the caption of a stem whose prompt
+    was made from one; stems in ``uncaptioned`` (captions still to make) get no row until their
+    caption is recorded."""
     write_text(output / CONFIG_FILE, dump(cfg))
     prompts_path = output / PROMPTS_FILE
-    rows = read_prompts(prompts_path) if prompts_path.is_file() and not overwrite else {}
+    rows = {}
+    if prompts_path.is_file() and not overwrite:
+        rows = read_prompt_rows(prompts_path, str(prompts_path))
     redone = {job.stem for job in todo}
+    captions = captions or {}
     for job in jobs:
-        if job.stem in redone or job.stem not in rows:
-            rows[job.stem] = prompts[job.key]
+        if job.stem in uncaptioned:
+            rows.pop(job.stem, None)
+        elif job.stem in redone or job.stem not in rows:
+            rows[job.stem] = PromptRow(prompts[job.key], captions.get(job.stem, ""))
     write_text(prompts_path, prompts_csv(rows))

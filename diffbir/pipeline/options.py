@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any
 
+from diffbir.captioning import CAPTIONER_NAMES
 from diffbir.diffusion.samplers import SAMPLERS
 from diffbir.pipeline.color import COLOR_FIXES
 from diffbir.pipeline.device import PRECISIONS
@@ -32,12 +33,13 @@ VAE_SHARED_NORM = ("encoder", "decoder", "both", "none")
 SAMPLER_KNOBS = ("s_churn", "s_tmin", "s_tmax", "s_noise", "eta", "order")
 
 RESTORATION, SAMPLER, GUIDANCE, TILING = "restoration", "sampler", "restoration guidance", "tiling"
-MODEL, WEIGHTS, DEVICE, IO, PROCESSES = (
+MODEL, WEIGHTS, DEVICE, IO, PROCESSES, CAPTIONS = (
     "model",
     "weights and configs",
     "device",
     "input and output",
     "many processes",
+    "captions",
 )
 
 
@@ -50,6 +52,7 @@ _model_opt = partial(setting, group=MODEL)
 _io_opt = partial(setting, group=IO)
 _device_opt = partial(setting, group=DEVICE)
 _process_opt = partial(setting, group=PROCESSES)
+_caption_opt = partial(setting, group=CAPTIONS)
 
 
 def _knob(help: str, **spec: Any):
@@ -67,8 +70,19 @@ def _vae_tiled(cfg: InferenceConfig) -> bool:
     return tiles.vae_encoder is not None or tiles.vae_decoder is not None
 
 
+def _captioned(cfg: InferenceConfig) -> bool:
+    return cfg.caption.name != "none"
+
+
+def _caption_precisions() -> list[str]:
+    from diffbir.captioning.llava import PRECISIONS as LLAVA_PRECISIONS
+
+    return ["auto", *LLAVA_PRECISIONS]
+
+
 _GUIDED = (_guided, "restoration guidance: add --guidance (or --g-scale > 0)")
 _VAE_TILED = (_vae_tiled, "a tiled VAE: add --tiled (or --vae-encoder-tile/--vae-decoder-tile)")
+_CAPTIONED = (_captioned, "a captioner: add --captioner llava (or clip-tags)")
 
 
 @dataclass(frozen=True)
@@ -247,6 +261,50 @@ class RestoreOptions:
         check_fields(self)
 
 
+@dataclass(frozen=True)
+class CaptionOptions:
+    """Captions as positive prompts (the official ``--captioner``; ``llava`` is its default,
+    ``none`` ours). Each input not listed in ``--prompts`` is captioned as read, before the
+    restoration models load, and restored with the positive prompt ``caption, pos_prompt``;
+    captions are kept in ``prompts.csv`` beside the outputs (see
+    :mod:`diffbir.pipeline.captions`)."""
+
+    name: str = _caption_opt(
+        "none",
+        flag="--captioner",
+        choices=CAPTIONER_NAMES,
+        help="caption each input and prepend the caption to its positive prompt. llava: "
+        "LLaVA-1.5-7B, the official default (--captioner llava reproduces it); clip-tags: "
+        "open_clip zero-shot tags (ours); ram: not provided (see the README)",
+    )
+    model: str | None = _caption_opt(
+        None,
+        flag="--captioner-model",
+        metavar="DIR_OR_REPO",
+        needs=_CAPTIONED,
+        help="the captioner's model: a folder, or a Hub repository id in the Hugging Face cache "
+        "(default: the official model; fetch it with diffbir-download --captioner NAME)",
+    )
+    precision: str = _caption_opt(
+        "auto",
+        flag="--captioner-precision",
+        choices=_caption_precisions,
+        needs=_CAPTIONED,
+        help="the captioner's weights: auto is 4bit on CUDA (the official default) and fp32 "
+        "elsewhere (4bit and 8bit need CUDA; clip-tags runs in fp32)",
+    )
+    batch_size: int = _caption_opt(
+        1,
+        flag="--captioner-batch-size",
+        low=1,
+        needs=_CAPTIONED,
+        help="images per captioning call (1 as the official; more is faster on a GPU)",
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
 @dataclass
 class WeightsConfig:
     """Weight files and model configs; ``None``: the official file of the version and task.
@@ -339,6 +397,7 @@ class InferenceConfig:
     )
     weights: WeightsConfig = setting(factory=WeightsConfig)
     restore: RestoreOptions = setting(factory=RestoreOptions)
+    caption: CaptionOptions = setting(factory=CaptionOptions)
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -16,8 +16,9 @@ import os
 import signal
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import pytorch_lightning as pl
 import torch
@@ -30,6 +31,7 @@ from diffbir.pipeline.options import RunOptions
 from diffbir.pipeline.restorer import Restorer
 from diffbir.pipeline.work import ItemDataset, OutputWriter, Recipe, WorkItem, restore_item, shard
 
+T = TypeVar("T")
 _PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 # how many processes a launcher started: torchrun (and Lightning's own children), srun
 _LAUNCHED_PROCESSES = ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
@@ -156,8 +158,10 @@ class WorkData(pl.LightningDataModule):
         return DataLoader(ItemDataset(self.items), batch_size=None, sampler=sampler)
 
 
-def make_trainer(run: RunOptions, device: torch.device, writer: OutputWriter) -> pl.Trainer:
-    """The Trainer of a many-process run."""
+def make_trainer(run: RunOptions, device: torch.device) -> pl.Trainer:
+    """The Trainer of a many-process run. Each stage (captions, restoration) is one
+    ``predict`` on it, with its writer :func:`attached` for the call; the first one starts the
+    processes, the later ones run in them."""
     return pl.Trainer(
         accelerator={"cuda": "gpu"}.get(device.type, device.type),
         devices=run.devices,
@@ -170,18 +174,28 @@ def make_trainer(run: RunOptions, device: torch.device, writer: OutputWriter) ->
         enable_progress_bar=run.progress,
         use_distributed_sampler=False,  # WorkData shards the items itself
         inference_mode=False,  # restoration guidance needs gradients
-        callbacks=[ItemWriter(writer)],
     )
+
+
+@contextmanager
+def attached(trainer: pl.Trainer, writer: BasePredictionWriter) -> Iterator[None]:
+    """``writer`` is a callback of ``trainer`` inside the block (one stage's predict)."""
+    trainer.callbacks.append(writer)
+    try:
+        with warnings.catch_warnings():
+            # items are whole batches (batch_size=None): writers need no sampler indices
+            warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+            yield
+    finally:
+        trainer.callbacks.remove(writer)
 
 
 def predict(
     trainer: pl.Trainer, restorer: Restorer, recipe: Recipe, items: Sequence[WorkItem],
-    jobs: Mapping[str, Job],
+    jobs: Mapping[str, Job], writer: OutputWriter,
 ) -> None:  # fmt: skip
-    """Run the work list over the trainer's processes."""
-    with warnings.catch_warnings():
-        # items are whole batches (batch_size=None): the writer needs no sampler indices
-        warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+    """Run the work list over the trainer's processes, ``writer`` writing each item."""
+    with attached(trainer, ItemWriter(writer)):
         trainer.predict(
             RestorePredictor(restorer, recipe),
             datamodule=WorkData(items, jobs),
@@ -213,8 +227,14 @@ def gather_reports(report: Report, world_size: int) -> list[Report]:
     the predict loop, hooks included, on a rank whose shard is empty (fewer items than ranks),
     and the other ranks would wait for it forever.
     """
+    return gather_objects(report, world_size)
+
+
+def gather_objects(value: T, world_size: int) -> list[T]:
+    """Every rank's ``value``, in rank order, on every rank (a collective, see
+    :func:`gather_reports`)."""
     if world_size == 1 or not dist.is_initialized():
-        return [report]
-    gathered: list[Report | None] = [None] * world_size
-    dist.all_gather_object(gathered, report)
-    return [r for r in gathered if r is not None]
+        return [value]
+    gathered: list[T | None] = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    return [v for v in gathered if v is not None]

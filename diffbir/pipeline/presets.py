@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from diffbir.captioning import OFFICIAL_CAPTIONER
 from diffbir.config import CONFIG_ROOT, ConfigError, load_config, load_yaml, resolve_config_path
 from diffbir.pipeline.options import InferenceConfig, RestoreOptions, SamplerOptions
 from diffbir.schema import check_needs
@@ -35,7 +36,7 @@ from diffbir.versions import (
 PRESET_GROUP = "inference"
 CONFIG_FILE = "config.yaml"
 # keys that do not change any output (left out when comparing with an earlier run's config)
-OUTPUT_NEUTRAL_KEYS = ("batch_size",)
+OUTPUT_NEUTRAL_KEYS = ("batch_size", "caption.batch_size")
 
 
 def _sampling_defaults(version: str) -> ModelVersion:
@@ -181,6 +182,13 @@ def preset_text(version: str, task: str) -> str:
         "# the version and task, looked for in weights.dir ($DIFFBIR_WEIGHTS_DIR or weights/).\n"
         f"# diffbir-infer --config {preset_name(version, task)} [key=value ...] [flags]\n"
     )
+    if version == DEFAULT_VERSION:
+        header += (
+            f"# The official run captions every input ({OFFICIAL_CAPTIONER}, 4-bit on CUDA); "
+            "ours does not by\n"
+            f"# default (caption.name none). --captioner {OFFICIAL_CAPTIONER} reproduces it, "
+            "as --seed-mode official\n# does the official seeding.\n"
+        )
     return header + dump(default_config(version, task))
 
 

@@ -4,11 +4,13 @@ and the evaluation all hand it an :class:`~diffbir.pipeline.options.InferenceCon
 
 :meth:`Runner.prepare` checks everything that can fail without reading a model, before anything
 is written: device and process count, inputs and output paths, prompts, the weight files (their
-version and presence) and the model configs. :meth:`Runner.run` then records the run
-(``config.yaml``, ``prompts.csv``), loads the models and restores the work list of the config's
-noise strategy (:mod:`~diffbir.pipeline.work`) in one process or, through Lightning, in many,
-writing every output as soon as it is done. Ctrl-C (or the caller's stop event) stops the run
-after the current sampling step: finished outputs are kept, the summary is printed, status 130.
+version and presence), the model configs and the captioner. :meth:`Runner.run` then records the
+run (``config.yaml``, ``prompts.csv``), captions the inputs left to caption
+(:mod:`~diffbir.pipeline.captions`) and frees the captioner, loads the restoration models and
+restores the work list of the config's noise strategy (:mod:`~diffbir.pipeline.work`) in one
+process or, through Lightning, in many, writing every output as soon as it is done. Ctrl-C (or
+the caller's stop event) stops the run after the current caption batch or sampling step:
+finished captions and outputs are kept, the summary is printed, status 130.
 """
 
 from __future__ import annotations
@@ -24,12 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from diffbir.config import check_model_config
 from diffbir.files import check_output_folder, remove_stale_temp_files
+from diffbir.pipeline.captions import (
+    CaptionPlan,
+    caption_distributed,
+    caption_local,
+    plan_captions,
+)
 from diffbir.pipeline.device import resolve_device, retain_cpu_heap
 from diffbir.pipeline.jobs import (
     Job,
@@ -71,8 +80,8 @@ LoadModels = Callable[[ModelPlan, InferenceConfig, torch.device], Restorer]
 
 @dataclass
 class RunPlan:
-    """What :meth:`Runner.prepare` found: where the run goes, its jobs, their prompts and the
-    models it will load."""
+    """What :meth:`Runner.prepare` found: where the run goes, its jobs, their prompts, the
+    models it will load and its captioning stage."""
 
     device: torch.device
     processes: int
@@ -80,6 +89,7 @@ class RunPlan:
     prompts: dict[str, str]
     models: ModelPlan
     report: Report
+    captions: CaptionPlan
 
 
 @dataclass
@@ -168,7 +178,11 @@ class Runner:
         check_output_folder(run.output)
         check_config_record(self.output, OmegaConf.structured(cfg), jobs, run.overwrite)
         check_paths(models.paths)
-        return RunPlan(device, processes, jobs, prompts, models, report)
+        captions = plan_captions(
+            cfg, jobs, output=self.output, overwrite=run.overwrite, device=device
+        )
+        prompts.update(captions.prompts(jobs, captions.known))
+        return RunPlan(device, processes, jobs, prompts, models, report, captions)
 
     # ----- the run -----
     def run(self) -> RunResult:
@@ -185,14 +199,24 @@ class Runner:
                 todo.append(job)
         record_run(
             self.output, OmegaConf.structured(self.cfg), plan.prompts, plan.jobs, todo,
-            run.overwrite,
+            run.overwrite, plan.captions.known, {r.key for r in plan.captions.requests},
         )  # fmt: skip
+        trainer = None
         if plan.processes > 1:
             die_with_parent()
+            trainer = make_trainer(run, plan.device)
         elif not todo:
             print(report.summary())
             return RunResult(EXIT_FAILED if report.failed else EXIT_OK, report)
         # every rank takes part in a many-process run, even with nothing left to do
+        try:
+            self._caption(plan, trainer)
+        except (RunInterrupted, KeyboardInterrupt):
+            if trainer is not None:
+                wait_for_workers(trainer)
+                if not trainer.is_global_zero:
+                    return RunResult(EXIT_INTERRUPTED, report)
+            return self._interrupted(report, todo)
         if plan.device.type == "cpu" and not run.system_malloc:
             retain_cpu_heap()
         restorer = self.load(
@@ -205,8 +229,8 @@ class Runner:
             stop_on(self.stop, self.on_step),
         )  # fmt: skip
         writer = OutputWriter({job.key: job for job in plan.jobs}, Report())
-        if plan.processes > 1:
-            return self._run_distributed(plan, restorer, recipe, items, writer, todo)
+        if trainer is not None:
+            return self._run_distributed(plan, trainer, restorer, recipe, items, writer, todo)
         try:
             self._run_local(restorer, recipe, items, writer, len(todo))
         except (RunInterrupted, KeyboardInterrupt):
@@ -214,6 +238,20 @@ class Runner:
         total = report.merge([writer.report])
         print(total.summary())
         return RunResult(EXIT_FAILED if total.failed else EXIT_OK, total)
+
+    def _caption(self, plan: RunPlan, trainer: pl.Trainer | None) -> None:
+        """The captioning stage, before the restoration models load: the inputs left to
+        caption are captioned (each caption recorded as it arrives) and their prompts set."""
+        stage = plan.captions
+        if not stage.enabled:
+            return
+        if trainer is None:
+            with stop_requests(self.stop):
+                captions = caption_local(stage, plan.device, self.stop, self.options.progress)
+        else:  # every rank, even with nothing to caption: the processes start here
+            with stop_requests(self.stop, on_first=lambda: forward_interrupt(trainer)):
+                captions = caption_distributed(stage, trainer, plan.device, self.stop)
+        plan.prompts.update(stage.prompts(plan.jobs, captions))
 
     def _run_local(
         self, restorer: Restorer, recipe: Recipe, items: Sequence[WorkItem],
@@ -242,17 +280,16 @@ class Runner:
                     images.update(len(item.jobs))
 
     def _run_distributed(
-        self, plan: RunPlan, restorer: Restorer, recipe: Recipe, items: Sequence[WorkItem],
-        writer: OutputWriter, todo: Sequence[Job],
+        self, plan: RunPlan, trainer: pl.Trainer, restorer: Restorer, recipe: Recipe,
+        items: Sequence[WorkItem], writer: OutputWriter, todo: Sequence[Job],
     ) -> RunResult:  # fmt: skip
         """``Trainer.predict`` over ``--devices`` x ``--num-nodes`` processes. Returns this
         process's status: on rank 0, 1 if any rank failed an input; 0 on the other ranks (a
         launcher reads a worker's non-zero status as a crash). Rank 0 prints the summary."""
-        trainer = make_trainer(self.options, plan.device, writer)
         jobs = {job.key: job for job in plan.jobs}
         try:
             with stop_requests(self.stop, on_first=lambda: forward_interrupt(trainer)):
-                predict(trainer, restorer, recipe, items, jobs)
+                predict(trainer, restorer, recipe, items, jobs, writer)
         except (RunInterrupted, KeyboardInterrupt):
             wait_for_workers(trainer)
             if not trainer.is_global_zero:
