@@ -11,6 +11,7 @@ from diffbir.pipeline.loading import (
     resolve_weight_paths,
 )
 from diffbir.pipeline.options import (
+    CaptionOptions,
     GuidanceOptions,
     InferenceConfig,
     RestoreOptions,
@@ -23,6 +24,7 @@ from diffbir.pipeline.restorer import Restorer, RestoreResult
 __all__ = [
     "PRECISIONS",
     "TASKS",
+    "CaptionOptions",
     "Cleaner",
     "GuidanceOptions",
     "InferenceConfig",
