@@ -23,7 +23,6 @@ processes work per request, whatever it shows.
 
 from __future__ import annotations
 
-import fcntl
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -186,6 +185,8 @@ class CaptionRecord:
         if self.lock_path is None:
             yield
             return
+        import fcntl  # POSIX only; many-process runs are on Linux
+
         with open(self.lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
