@@ -17,10 +17,11 @@ from typing import Any
 
 from diffbir.diffusion.schedule import Parameterization
 
-TASKS = ("sr", "denoise", "face", "custom")
-# output size / input size when --upscale is not given
+UNALIGNED_FACE = "unaligned_face"
+TASKS = ("sr", "denoise", "face", UNALIGNED_FACE, "custom")
+# output size / input size when --upscale is not given (unaligned_face: the official README's)
 DEFAULT_UPSCALE: Mapping[str, float] = MappingProxyType(
-    {"sr": 4.0, "denoise": 1.0, "face": 1.0, "custom": 1.0}
+    {"sr": 4.0, "denoise": 1.0, "face": 1.0, UNALIGNED_FACE: 2.0, "custom": 1.0}
 )
 
 V2_POS_PROMPT = ""
@@ -61,6 +62,12 @@ FACE_HELPER_FILES: Mapping[str, str] = MappingProxyType(
 SWINIR_FACE = Stage1Spec("swinir", "face_swinir_v1.ckpt", resize_first=True, enlarge_first=True)
 
 
+def whole_image_task(task: str) -> str:
+    """The task whose models restore the whole input of ``task``: the unaligned-face task
+    restores the whole photo as the version's sr task (and each face as its face task)."""
+    return "sr" if task == UNALIGNED_FACE else task
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     """One DiffBIR release: files per role and task, schedule, and sampling defaults.
@@ -68,7 +75,8 @@ class ModelVersion:
     ``controlnet``/``stage1`` map a task to its file (``custom`` task: no stage 1).
     ``sampler``, ``steps``, ``cfg_scale`` and the prompts are the defaults of this version.
     ``face_helper``: the detection and parsing files of the unaligned-face task, by role; empty
-    for a version without that task (v1, as in the official code).
+    for a version without that task (v1, as in the official code). That task restores each face
+    as the face task and the whole photo as the sr task, with one IRControlNet (the sr one).
     """
 
     name: str
@@ -84,8 +92,18 @@ class ModelVersion:
     neg_prompt: str
     face_helper: Mapping[str, str]
 
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The tasks this version runs (every task but the unaligned-face one without its face
+        helper files)."""
+        return tuple(t for t in TASKS if t != UNALIGNED_FACE or self.face_helper)
+
     def files(self, task: str) -> dict[str, str]:
-        """``{role: official file name}`` of ``task`` (roles ``sd``, ``controlnet``, ``stage1``)."""
+        """``{role: official file name}`` of ``task`` (roles ``sd``, ``controlnet``, ``stage1``;
+        the unaligned-face task: the sr task's, ``face_stage1`` and the face helper's)."""
+        if task == UNALIGNED_FACE:
+            faces = self.files("face")
+            return {**self.files("sr"), "face_stage1": faces["stage1"], **self.face_helper}
         files = {"sd": self.sd_file, "controlnet": self.controlnet[task]}
         if task in self.stage1:
             files["stage1"] = self.stage1[task].file

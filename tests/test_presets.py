@@ -31,9 +31,13 @@ PRESETS = sorted((CONFIG_ROOT / PRESET_GROUP).glob("*.yaml"))
 
 
 def test_presets_cover_every_version_and_task() -> None:
-    """Exactly one preset per official version and task, so test_versions builds each one."""
-    expected = {preset_name(v, task) for v in VERSIONS for task in ("sr", "denoise", "face")}
+    """Exactly one preset per official version and task, so that test_versions (and
+    test_unaligned_faces) build each one; v1 has no unaligned-face task."""
+    expected = {
+        preset_name(v.name, task) for v in VERSIONS.values() for task in v.tasks if task != "custom"
+    }
     assert {p.stem for p in PRESETS} == expected
+    assert "v1_unaligned_face" not in expected and "v2.1_unaligned_face" in expected
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)

@@ -22,7 +22,7 @@ from typing import Any
 from diffbir.pipeline.options import SHORTHANDS, InferenceConfig, RunOptions
 from diffbir.pipeline.presets import PRESET_GROUP, default_config
 from diffbir.schema import Setting, leaves, spec_of
-from diffbir.versions import TASKS, VERSIONS
+from diffbir.versions import VERSIONS
 
 RUN_PREFIX = "run."
 SHORTHAND_PREFIX = "shorthand."
@@ -58,7 +58,9 @@ def _value_type(hint: Any) -> Any:
 
 @functools.cache
 def _preset_defaults() -> tuple[InferenceConfig, ...]:
-    return tuple(default_config(version, task) for version in VERSIONS for task in TASKS)
+    return tuple(
+        default_config(v.name, task) for v in VERSIONS.values() for task in v.tasks
+    )
 
 
 def _version_dependent(key: str) -> bool:

@@ -1,7 +1,8 @@
 """The jobs of a run: each input image, where its outputs go, its prompt, and the run record.
 
 Planning needs no model: inputs are listed (or the sample photos chosen), output paths are
-checked for clashes with each other and with the inputs, and the per-image prompts are read.
+checked for clashes with each other and with the inputs (``--save-faces``: also with the
+folders the faces of a photo go to), and the per-image prompts are read.
 :func:`record_run` writes ``config.yaml`` and ``prompts.csv`` beside the outputs before any
 work. A :class:`Report` keeps what happened to each input, for the summary and the exit status.
 """
@@ -18,6 +19,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from diffbir.faces.plan import FacePlan
 from diffbir.pipeline.checks import blocking_file
 from diffbir.pipeline.image_io import (
     IMAGE_EXTENSIONS,
@@ -27,7 +29,7 @@ from diffbir.pipeline.image_io import (
     write_text,
 )
 from diffbir.pipeline.options import InferenceConfig, RunOptions
-from diffbir.pipeline.presets import CONFIG_FILE, differing_keys, dump
+from diffbir.pipeline.presets import CONFIG_FILE, differing_keys, dump, with_defaults
 from diffbir.pipeline.prompts import (
     PROMPTS_FILE,
     PromptRow,
@@ -36,9 +38,13 @@ from diffbir.pipeline.prompts import (
     read_prompts,
 )
 from diffbir.pipeline.samples import SAMPLE_NAMES, load_sample
+from diffbir.versions import UNALIGNED_FACE
 
 STAGE1_DIR = "stage1"
 SAMPLE_INPUTS_DIR = "inputs"
+# --save-faces: a photo's faces, cropped and restored, and its restored background
+CROPPED_FACES_DIR, RESTORED_FACES_DIR = "cropped_faces", "restored_faces"
+BACKGROUNDS_DIR = "restored_backgrounds"
 
 
 def derive_seed(run_seed: int, key: str, sample: int = 0) -> int:
@@ -47,21 +53,50 @@ def derive_seed(run_seed: int, key: str, sample: int = 0) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def face_seed(photo_seed: int, face: int) -> int:
+    """The seed of face ``face`` (detection order) of a photo restored with ``photo_seed``
+    (the seed of its background)."""
+    return derive_seed(photo_seed, "face", face)
+
+
 class NoInputImagesError(ValueError):
     """An input folder without a single image file."""
+
+
+@dataclass(frozen=True)
+class FaceOutputs:
+    """Where ``--save-faces`` writes the parts of one photo: face ``i`` of ``sub/a.png``
+    cropped as ``cropped_faces/sub/a_face<i>.png``, restored as ``restored_faces/sub/
+    a_face<i>.png`` (``a_face<i>_<k>.png`` per sample with several), its restored backgrounds
+    as ``restored_backgrounds/sub/a.png`` (``a_<k>.png``). The names of two photos never
+    clash when their outputs do not: each adds ``_face<digits>`` (and ``_<digits>``) to the
+    photo's output name."""
+
+    cropped: Path  # the photo's output path under cropped_faces/, without suffix
+    restored: Path
+    backgrounds: list[Path]
+
+    def crop(self, face: int) -> Path:
+        return self.cropped.with_name(f"{self.cropped.name}_face{face}.png")
+
+    def restored_face(self, face: int, sample: int) -> Path:
+        several = len(self.backgrounds) > 1
+        name = f"{self.restored.name}_face{face}{f'_{sample}' if several else ''}.png"
+        return self.restored.with_name(name)
 
 
 @dataclass
 class Job:
     """One input image: ``key`` (relative path, seeds the RNG), how to load it, where its
     outputs go (``outputs``: one per sample; ``condition_output``: the stage-1 condition image
-    with ``--save-stage1``)."""
+    with ``--save-stage1``; ``faces``: its faces and background with ``--save-faces``)."""
 
     key: str
     source: str
     load: Callable[[], np.ndarray]
     outputs: list[Path]
     condition_output: Path | None
+    faces: FaceOutputs | None = None
 
     @property
     def stem(self) -> str:
@@ -69,7 +104,10 @@ class Job:
         return Path(self.key).with_suffix("").as_posix()
 
     def done(self) -> bool:
+        """Whether every output is there (a photo's faces are written before it, with its
+        backgrounds: those stand for them)."""
         paths = [*self.outputs, *([self.condition_output] if self.condition_output else [])]
+        paths += self.faces.backgrounds if self.faces is not None else []
         return all(p.is_file() for p in paths)
 
 
@@ -81,20 +119,29 @@ class Report:
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    faces: dict[str, int] = field(default_factory=dict)  # restored photo -> faces pasted
 
     def fail(self, source: str, reason: str) -> None:
         self.failed.append((source, reason))
         tqdm.write(f"failed: {source}: {reason}", file=sys.stderr)
 
+    def count_faces(self, source: str, plan: FacePlan) -> None:
+        """Record (and say) how many faces of a restored photo were pasted back."""
+        count = len(plan.faces)
+        self.faces[source] = count
+        dropped = f", {len(plan.too_small)} too small" if plan.too_small else ""
+        tqdm.write(f"{source}: {count} face{'' if count == 1 else 's'}{dropped}")
+
     def merge(self, others: Iterable[Report]) -> Report:
         """A report holding this report's entries, then each of ``others``'."""
         merged = Report(list(self.restored), list(self.skipped), list(self.failed),
-                        list(self.ignored))  # fmt: skip
+                        list(self.ignored), dict(self.faces))  # fmt: skip
         for other in others:
             merged.restored += other.restored
             merged.skipped += other.skipped
             merged.failed += other.failed
             merged.ignored += other.ignored
+            merged.faces.update(other.faces)
         return merged
 
     def summary(self) -> str:
@@ -103,20 +150,41 @@ class Report:
             f"--overwrite to redo), {len(self.failed)} failed, {len(self.ignored)} ignored "
             "(not image files, hidden, folders without --recursive, or inside --output)"
         ]
+        if self.faces:
+            none = [source for source, count in self.faces.items() if count == 0]
+            lines.append(
+                f"faces: {sum(self.faces.values())} in {len(self.faces)} photo(s); "
+                f"{len(none)} photo(s) without a face, restored as a whole"
+            )
         lines += [f"  failed: {source}: {reason}" for source, reason in self.failed]
         return "\n".join(lines)
 
 
-def _output_paths(
-    output: Path, key: str, samples: int, save_condition: bool
-) -> tuple[list[Path], Path | None]:
-    rel = Path(key).with_suffix("")
+def _sample_paths(folder: Path, rel: Path, samples: int) -> list[Path]:
     if samples == 1:
-        outputs = [output / rel.with_name(f"{rel.name}.png")]
-    else:
-        outputs = [output / rel.with_name(f"{rel.name}_{k}.png") for k in range(samples)]
+        return [folder / rel.with_name(f"{rel.name}.png")]
+    return [folder / rel.with_name(f"{rel.name}_{k}.png") for k in range(samples)]
+
+
+def _output_paths(
+    output: Path, key: str, samples: int, save_condition: bool, save_faces: bool
+) -> tuple[list[Path], Path | None, FaceOutputs | None]:
+    rel = Path(key).with_suffix("")
+    outputs = _sample_paths(output, rel, samples)
     condition = output / STAGE1_DIR / rel.with_name(f"{rel.name}.png") if save_condition else None
-    return outputs, condition
+    faces = None
+    if save_faces:
+        backgrounds = _sample_paths(output / BACKGROUNDS_DIR, rel, samples)
+        faces = FaceOutputs(output / CROPPED_FACES_DIR / rel, output / RESTORED_FACES_DIR / rel,
+                            backgrounds)  # fmt: skip
+    return outputs, condition, faces
+
+
+def _job_paths(
+    outputs: list[Path], condition: Path | None, faces: FaceOutputs | None
+) -> list[Path]:
+    """The output paths of a job known before it is restored."""
+    return [*outputs, *([condition] if condition else []), *(faces.backgrounds if faces else [])]
 
 
 def _real(path: Path) -> Path:
@@ -125,12 +193,17 @@ def _real(path: Path) -> Path:
 
 
 def _path_problem(
-    paths: list[Path], owner: dict[Path, str], inputs: set[Path], output: Path
-) -> str | None:
-    """Why an input's output paths cannot be written, or None."""
+    paths: list[Path], owner: dict[Path, str], inputs: set[Path], output: Path,
+    face_folders: list[Path],
+) -> str | None:  # fmt: skip
+    """Why an input's output paths cannot be written, or None (``face_folders``: where
+    ``--save-faces`` writes faces, under names known only once they are found)."""
     for p in paths:
         if p in owner:
             return f"output {p} would clash with an output of {owner[p]}"
+        folder = next((f for f in face_folders if f in p.parents), None)
+        if folder is not None:
+            return f"output {p} would be inside {folder}, where --save-faces writes faces"
         if _real(p) in inputs:
             return f"output {p} would overwrite an input image"
         if p.is_dir():
@@ -157,13 +230,17 @@ def plan_jobs(run: RunOptions, cfg: InferenceConfig, report: Report) -> list[Job
     clashes are failures in ``report``, entries that are not inputs are counted as ignored."""
     output = Path(run.output)
     samples = cfg.num_samples
+    save_faces = run.save_faces and cfg.task == UNALIGNED_FACE
+    face_folders = [output / CROPPED_FACES_DIR, output / RESTORED_FACES_DIR] if save_faces else []
     jobs: list[Job] = []
     if run.input is None:
         inputs_dir = output / SAMPLE_INPUTS_DIR
         for name in SAMPLE_NAMES:
-            outs, condition = _output_paths(output, name, samples, run.save_stage1)
+            outs, condition, faces = _output_paths(
+                output, name, samples, run.save_stage1, save_faces
+            )
             load = _sample_loader(name, cfg.restore.upscale, inputs_dir)
-            jobs.append(Job(name, f"skimage.data.{name}", load, outs, condition))
+            jobs.append(Job(name, f"skimage.data.{name}", load, outs, condition, faces))
         return jobs
     root = Path(run.input)
     candidates, ignored = list_inputs(root, run.recursive)
@@ -180,17 +257,24 @@ def plan_jobs(run: RunOptions, cfg: InferenceConfig, report: Report) -> list[Job
     report.ignored.extend(str(p) for p in inside)
     candidates = [p for p in candidates if p not in inside]
     inputs = {_real(p) for p in candidates}
+    for folder in face_folders:
+        under = next((p for p in candidates if _real(folder) in _real(p).parents), None)
+        if under is not None:
+            raise ValueError(
+                f"--save-faces: the input {under} is inside {folder}, where faces are written "
+                "(they could replace it); use another --output"
+            )
     owner: dict[Path, str] = {}
     for path in candidates:
         key = path.name if root.is_file() else path.relative_to(root).as_posix()
-        outs, condition = _output_paths(output, key, samples, run.save_stage1)
-        paths = [*outs, *([condition] if condition else [])]
-        problem = _path_problem(paths, owner, inputs, output)
+        outs, condition, faces = _output_paths(output, key, samples, run.save_stage1, save_faces)
+        paths = _job_paths(outs, condition, faces)
+        problem = _path_problem(paths, owner, inputs, output, face_folders)
         if problem:
             report.fail(str(path), problem)
             continue
         owner.update({p: str(path) for p in paths})
-        jobs.append(Job(key, str(path), lambda p=path: read_image(p), outs, condition))
+        jobs.append(Job(key, str(path), lambda p=path: read_image(p), outs, condition, faces))
     if not jobs and not report.failed:
         raise NoInputImagesError(
             f"--input: no image files in {run.input} (expected extensions "
@@ -223,7 +307,7 @@ def check_config_record(output: Path, cfg: DictConfig, jobs: list[Job], overwrit
         previous = OmegaConf.load(config_path)
     except Exception as err:  # a damaged file: yaml and omegaconf raise their own errors
         raise ValueError(f"{config_path}: unreadable ({err}); use --overwrite") from err
-    changed = differing_keys(previous, cfg)
+    changed = differing_keys(with_defaults(previous), cfg)
     if changed:
         raise ValueError(
             f"--output {output}: its {CONFIG_FILE} was written by a run with other settings "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from diffbir.checkpoint import (
     CheckpointError,
@@ -19,21 +20,26 @@ from diffbir.checkpoint import (
 )
 from diffbir.config import build_model, load_config
 from diffbir.diffusion import NoiseSchedule
+from diffbir.faces.networks import face_network_paths, load_detector, load_parser
 from diffbir.pipeline.cleaner import Cleaner
 from diffbir.pipeline.device import PRECISIONS, resolve_device, warn_if_slow_precision
+from diffbir.pipeline.faces import FaceRestorer
 from diffbir.pipeline.options import InferenceConfig
-from diffbir.pipeline.precision import place_models
+from diffbir.pipeline.precision import place_models, place_stage1
 from diffbir.pipeline.restorer import Restorer
 from diffbir.versions import (
     CUSTOM,
     DEFAULT_VERSION,
     TASKS,
+    UNALIGNED_FACE,
     ModelVersion,
+    Stage1Spec,
     custom_version,
     get_version,
     role_of_file,
     schedule_conflict,
     versions_of_file,
+    whole_image_task,
 )
 from diffbir.weights import check_weights, weight_path
 
@@ -134,25 +140,53 @@ def check_version(paths: WeightPaths, version: ModelVersion, task: str) -> None:
             )
 
 
-def check_paths(paths: WeightPaths) -> None:
-    """Raise one :class:`~diffbir.weights.MissingWeightsError` listing every missing file."""
-    roles = {"Stable Diffusion 2.1 (--sd-weights)": paths.sd}
-    roles["IRControlNet (--controlnet-weights)"] = paths.controlnet
-    if paths.stage1 is not None:
-        roles["stage-1 model (--stage1-weights)"] = paths.stage1
-    check_weights(roles)
+@dataclass(frozen=True)
+class FaceModelPlan:
+    """What the unaligned-face task loads beside the models of the whole photo (the version's
+    sr task; the ControlLDM serves both): the stage 1 of the faces (``stage1`` ``None``: no
+    stage-1 model) and the face detector and parser files."""
+
+    stage1: Path | None
+    stage1_config: str | None
+    detector: Path
+    parser: Path
 
 
 @dataclass(frozen=True)
 class ModelPlan:
     """What a run will load, checked but not read: the task, the version, the weight files and
-    the model configs (:func:`plan_models`)."""
+    the model configs (:func:`plan_models`); ``faces``: the unaligned-face task's own models."""
 
     task: str
     version: ModelVersion
     paths: WeightPaths
     cldm_config: str
     stage1_config: str | None
+    faces: FaceModelPlan | None = None
+
+    def files(self) -> dict[str, Path]:
+        """Every weight file the plan loads, by what it is (the flag that sets it, if any)."""
+        files = {
+            "Stable Diffusion 2.1 (--sd-weights)": self.paths.sd,
+            "IRControlNet (--controlnet-weights)": self.paths.controlnet,
+        }
+        faces, stage1 = self.faces, self.paths.stage1
+        if stage1 is not None:
+            photo = faces is not None and faces.stage1 != stage1
+            role = "of the whole photo" if photo else "(--stage1-weights)"
+            files[f"stage-1 model {role}"] = stage1
+        if faces is not None:
+            if faces.stage1 is not None and faces.stage1 != stage1:
+                files["stage-1 model of the faces"] = faces.stage1
+            files["face detector"] = faces.detector
+            files["face parser"] = faces.parser
+        return files
+
+
+def check_paths(plan: ModelPlan) -> None:
+    """Raise one :class:`~diffbir.weights.MissingWeightsError` listing every missing file of
+    ``plan``."""
+    check_weights(plan.files())
 
 
 def plan_models(
@@ -166,12 +200,18 @@ def plan_models(
 ) -> ModelPlan:
     """The checks of the models of a run that need no file: the task, the stage-1 config and
     each file's version (:class:`WrongVersionError`); :func:`check_paths` checks that the files
-    are there."""
+    are there. The unaligned-face task's face models are the official files of ``version`` in
+    ``weights_dir`` (``custom``: its one stage 1 restores the faces too)."""
     if task not in TASKS:
         raise ValueError(f"--task: expected one of {list(TASKS)}, got {task!r}")
     if isinstance(version, str):
         version = get_version(version)
-    spec = version.stage1.get(task)
+    if task not in version.tasks:
+        raise ValueError(
+            f"--task {task}: DiffBIR {version.name} has no such task (as in the official code); "
+            "use --version v2 or v2.1"
+        )
+    spec = version.stage1.get(whole_image_task(task))
     if paths is None:
         paths = resolve_weight_paths(task, weights_dir, version=version.name)
     stage1_config = stage1_config or (spec.config if spec else None)
@@ -180,7 +220,18 @@ def plan_models(
     if stage1_config is not None and paths.stage1 is None:
         raise ValueError(f"stage-1 config {stage1_config!r} given without --stage1-weights")
     check_version(paths, version, task)
-    return ModelPlan(task, version, paths, str(cldm_config), stage1_config)
+    faces = None
+    if task == UNALIGNED_FACE:
+        networks = face_network_paths(weights_dir)
+        face_stage1, face_config = paths.stage1, stage1_config
+        if version.name != CUSTOM:
+            face_spec = version.stage1["face"]
+            face_stage1 = weight_path(face_spec.file, weights_dir)
+            face_config = face_spec.config
+        faces = FaceModelPlan(
+            face_stage1, face_config, networks["face_detector"], networks["face_parser"]
+        )
+    return ModelPlan(task, version, paths, str(cldm_config), stage1_config, faces)
 
 
 def plan_from_config(cfg: InferenceConfig) -> ModelPlan:
@@ -195,8 +246,15 @@ def plan_from_config(cfg: InferenceConfig) -> ModelPlan:
             cfg.task,
             custom.paths,
             version=custom.version,
+            weights_dir=w.dir,
             cldm_config=w.cldm_config or custom.cldm_config,
             stage1_config=custom.stage1_config,
+        )
+    if cfg.task == UNALIGNED_FACE and (w.stage1 or w.stage1_config):
+        raise ValueError(
+            f"--stage1-weights/--stage1-config: --task {UNALIGNED_FACE} uses two stage-1 models, "
+            f"the whole photo's (sr) and the faces' (face) of --version {cfg.version}, from "
+            "--weights-dir; drop them (or restore with --task sr or --task face)"
         )
     paths = resolve_weight_paths(
         cfg.task, w.dir, version=cfg.version, sd=w.sd, controlnet=w.controlnet, stage1=w.stage1
@@ -205,6 +263,7 @@ def plan_from_config(cfg: InferenceConfig) -> ModelPlan:
         cfg.task,
         paths,
         version=cfg.version,
+        weights_dir=w.dir,
         cldm_config=w.cldm_config or "control_ldm",
         stage1_config=w.stage1_config,
     )
@@ -216,54 +275,83 @@ def load_restorer(
     device: torch.device | str = "auto",
     precision: str | torch.dtype = "fp32",
     compile: bool = False,
-) -> Restorer:
+) -> Restorer | FaceRestorer:
     """Build the models of ``plan`` from their configs, load the weight files and place them on
     ``device`` (``auto``, ``cpu``, ``cuda``, ...) in ``precision`` (fp32, fp16, bf16 or a dtype;
     :mod:`~diffbir.pipeline.precision` says which part runs in it); ``compile``:
-    ``torch.compile`` UNet + IRControlNet."""
+    ``torch.compile`` UNet + IRControlNet. The unaligned-face task gives a
+    :class:`~diffbir.pipeline.faces.FaceRestorer`: one ControlLDM, two stage-1 models (one
+    when they are the same file), and the face detector and parser (float32)."""
     if isinstance(precision, str):
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {sorted(PRECISIONS)}, got {precision!r}")
         precision = PRECISIONS[precision]
     device = resolve_device(device) if isinstance(device, str) else device
     warn_if_slow_precision(device, precision)
+    check_paths(plan)
     paths, version = plan.paths, plan.version
-    check_paths(paths)
     # Parameters built empty in their final dtypes, then the memory-mapped file tensors become
     # them: one copy of the weights at any time; then everything moves to the device.
     with empty_parameters():
         cldm = build_model(load_config(plan.cldm_config), source=plan.cldm_config)
-        stage1_cfg = None if paths.stage1 is None else load_config(plan.stage1_config)
-        model = (
-            None if stage1_cfg is None else build_model(stage1_cfg, source=plan.stage1_config)
-        )
-    place_models(cldm, model, None, precision)
+    place_models(cldm, None, None, precision)
     cldm.load_sd_weights(read_state_dict(paths.sd), str(paths.sd), assign=True)
     cldm.load_controlnet_weights(
         _controlnet_state_dict(paths.controlnet), str(paths.controlnet), assign=True
     )
     check_materialized(cldm, f"{paths.sd} + {paths.controlnet}")
-
-    cleaner = Cleaner(model=None)
-    if model is not None:
-        load_weights(model, read_state_dict(paths.stage1), str(paths.stage1), assign=True)
-        check_materialized(model, str(paths.stage1))
-        spec = version.stage1.get(plan.task)
-        # our RM (version custom) is a same-size SwinIR, trained on LQ at the HQ size
-        same_size = version.name == CUSTOM
-        cleaner = Cleaner(
-            model=model,
-            resize_first=spec.resize_first if spec else same_size,
-            enlarge_first=spec.enlarge_first if spec else same_size,
-        )
-    place_models(cldm, model, device, precision)
+    place_models(cldm, None, device, precision)
+    model = _load_stage1(paths.stage1, plan.stage1_config, device, precision)
     schedule = NoiseSchedule.linear(zero_terminal_snr=version.zero_terminal_snr)
-    return Restorer(
+    restorer = Restorer(
         cldm,
-        cleaner,
+        _cleaner(model, version, whole_image_task(plan.task)),
         schedule=schedule,
         parameterization=version.parameterization,
         compile=compile,
+    )
+    faces = plan.faces
+    if faces is None:
+        return restorer
+    if (faces.stage1, faces.stage1_config) == (paths.stage1, plan.stage1_config):
+        face_model = model  # one file restores both (version custom): loaded once
+    else:
+        face_model = _load_stage1(faces.stage1, faces.stage1_config, device, precision)
+    return FaceRestorer(
+        restorer,
+        restorer.with_cleaner(_cleaner(face_model, version, "face")),
+        load_detector(faces.detector, device),
+        load_parser(faces.parser, device),
+    )
+
+
+def _load_stage1(
+    path: Path | None, config: str | None, device: torch.device, precision: torch.dtype
+) -> nn.Module | None:
+    """The stage-1 model of ``config`` with the weights of ``path`` (``None``: no model), built
+    empty in ``precision`` and loaded in place, then moved to ``device``."""
+    if path is None:
+        return None
+    with empty_parameters():
+        model = build_model(load_config(config), source=config)
+    place_stage1(model, None, precision)
+    load_weights(model, read_state_dict(path), str(path), assign=True)
+    check_materialized(model, str(path))
+    place_stage1(model, device, precision)
+    return model
+
+
+def _cleaner(model: nn.Module | None, version: ModelVersion, task: str) -> Cleaner:
+    """Stage 1 of ``task`` around ``model``, with the version's size rule for it."""
+    if model is None:
+        return Cleaner(model=None)
+    spec: Stage1Spec | None = version.stage1.get(task)
+    # our RM (version custom) is a same-size SwinIR, trained on LQ at the HQ size
+    same_size = version.name == CUSTOM
+    return Cleaner(
+        model=model,
+        resize_first=spec.resize_first if spec else same_size,
+        enlarge_first=spec.enlarge_first if spec else same_size,
     )
 
 
@@ -278,7 +366,7 @@ def build_restorer(
     device: torch.device | str = "auto",
     precision: str | torch.dtype = "fp32",
     compile: bool = False,
-) -> Restorer:
+) -> Restorer | FaceRestorer:
     """Check (:func:`plan_models`) and load (:func:`load_restorer`) the models of ``task``.
 
     ``version`` (:mod:`diffbir.versions`) decides the official files, the stage 1 of each task
@@ -299,7 +387,7 @@ def build_restorer(
 
 def build_from_config(
     cfg: InferenceConfig, device: torch.device | str | None = None, *, compile: bool = False
-) -> Restorer:
+) -> Restorer | FaceRestorer:
     """The Restorer of a config (``device`` default: the config's)."""
     return load_restorer(
         plan_from_config(cfg),

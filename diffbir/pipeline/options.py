@@ -19,11 +19,19 @@ from typing import Any
 
 from diffbir.captioning import CAPTIONER_NAMES
 from diffbir.diffusion.samplers import SAMPLERS
+from diffbir.faces.quirks import DEFAULT_QUIRKS, FACE_QUIRKS
 from diffbir.pipeline.color import COLOR_FIXES
 from diffbir.pipeline.device import PRECISIONS
 from diffbir.pipeline.tiling import TILE_WEIGHTS
 from diffbir.schema import SettingError, check_fields, name_of, setting
-from diffbir.versions import DEFAULT_VERSION, TASKS, V2_NEG_PROMPT, VERSION_NAMES
+from diffbir.versions import (
+    DEFAULT_VERSION,
+    TASKS,
+    UNALIGNED_FACE,
+    V2_NEG_PROMPT,
+    VERSION_NAMES,
+    VERSIONS,
+)
 
 LATENT_FACTOR = 8  # image pixels per latent pixel
 MAX_STEPS = 1000  # the training timesteps of every SD version: spaced sampling takes at most all
@@ -33,6 +41,7 @@ VAE_SHARED_NORM = ("encoder", "decoder", "both", "none")
 SAMPLER_KNOBS = ("s_churn", "s_tmin", "s_tmax", "s_noise", "eta", "order")
 
 RESTORATION, SAMPLER, GUIDANCE, TILING = "restoration", "sampler", "restoration guidance", "tiling"
+FACES = "faces in whole photos (--task unaligned_face)"
 MODEL, WEIGHTS, DEVICE, IO, PROCESSES, CAPTIONS = (
     "model",
     "weights and configs",
@@ -53,6 +62,7 @@ _io_opt = partial(setting, group=IO)
 _device_opt = partial(setting, group=DEVICE)
 _process_opt = partial(setting, group=PROCESSES)
 _caption_opt = partial(setting, group=CAPTIONS)
+_face_opt = partial(setting, group=FACES)
 
 
 def _knob(help: str, **spec: Any):
@@ -80,7 +90,12 @@ def _caption_precisions() -> list[str]:
     return ["auto", *LLAVA_PRECISIONS]
 
 
+def _unaligned_faces(cfg: InferenceConfig) -> bool:
+    return cfg.task == UNALIGNED_FACE
+
+
 _GUIDED = (_guided, "restoration guidance: add --guidance (or --g-scale > 0)")
+_UNALIGNED = (_unaligned_faces, "--task unaligned_face")
 _VAE_TILED = (_vae_tiled, "a tiled VAE: add --tiled (or --vae-encoder-tile/--vae-decoder-tile)")
 _CAPTIONED = (_captioned, "a captioner: add --captioner llava (or clip-tags)")
 
@@ -305,6 +320,31 @@ class CaptionOptions:
         check_fields(self)
 
 
+@dataclass(frozen=True)
+class FaceOptions:
+    """How the faces of whole photos are found and restored (``--task unaligned_face``)."""
+
+    quirks: str = _face_opt(
+        next(name for name, quirks in FACE_QUIRKS.items() if quirks == DEFAULT_QUIRKS),
+        flag="--face-quirks",
+        needs=_UNALIGNED,
+        choices=lambda: list(FACE_QUIRKS),
+        help="official: the official face helper's channel order and eye-distance measure; "
+        "corrected: each network gets the channel order it was trained on, the real eye "
+        "distance is measured (see the README)",
+    )
+    batch: int = _face_opt(
+        1,
+        flag="--faces-per-batch",
+        needs=_UNALIGNED,
+        low=1,
+        help="faces restored at once (per-image seeds: same results; more memory)",
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
 @dataclass
 class WeightsConfig:
     """Weight files and model configs; ``None``: the official file of the version and task.
@@ -398,13 +438,25 @@ class InferenceConfig:
     weights: WeightsConfig = setting(factory=WeightsConfig)
     restore: RestoreOptions = setting(factory=RestoreOptions)
     caption: CaptionOptions = setting(factory=CaptionOptions)
+    faces: FaceOptions = setting(factory=FaceOptions)
 
     def __post_init__(self) -> None:
         check_fields(self)
+        version = VERSIONS.get(self.version)
+        if version is not None and self.task not in version.tasks:
+            raise SettingError(
+                f"--task {self.task}: DiffBIR {self.version} has no such task (as in the "
+                "official code); use --version v2 or v2.1"
+            )
         if self.seed_mode == "official" and self.batch_size != 1:
             raise SettingError(
                 "--batch-size: --seed-mode official restores image by image, expected 1, "
                 f"got {self.batch_size}"
+            )
+        if self.seed_mode == "official" and self.faces.batch != 1:
+            raise SettingError(
+                "--faces-per-batch: --seed-mode official restores face by face, expected 1, "
+                f"got {self.faces.batch}"
             )
         if self.weights.train_config and self.version != "custom":
             raise SettingError(
@@ -427,6 +479,13 @@ class RunOptions:
     overwrite: bool = _io_opt(False, flag="--overwrite", help="redo inputs whose outputs exist")
     save_stage1: bool = _io_opt(
         False, flag="--save-stage1", help="also write stage1/<name>.png (the condition image)"
+    )
+    save_faces: bool = _io_opt(
+        False,
+        flag="--save-faces",
+        help="--task unaligned_face: also write each photo's faces (cropped_faces/, "
+        "restored_faces/: <name>_face<i>.png) and its restored background "
+        "(restored_backgrounds/<name>.png)",
     )
     progress: bool = _io_opt(True, flag="--progress", help="progress bars")
     devices: str = _process_opt(

@@ -34,4 +34,9 @@ def place_models(
     for name, part in cldm.named_children():
         part.to(device=device, dtype=part_dtype(name, dtype))
     if stage1 is not None:
-        stage1.eval().requires_grad_(False).to(device=device, dtype=dtype)
+        place_stage1(stage1, device, dtype)
+
+
+def place_stage1(stage1: nn.Module, device: torch.device | None, dtype: torch.dtype) -> None:
+    """Move a stage-1 model to ``device`` (``None``: where it is) in ``dtype``, for inference."""
+    stage1.eval().requires_grad_(False).to(device=device, dtype=dtype)

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Sampler
 
+from diffbir.pipeline.faces import FaceRestorer
 from diffbir.pipeline.jobs import Job, Report
 from diffbir.pipeline.options import RunOptions
 from diffbir.pipeline.restorer import Restorer
@@ -116,9 +117,10 @@ class ItemWriter(BasePredictionWriter):
 
 class RestorePredictor(pl.LightningModule):
     """The restoration models as one LightningModule (the Trainer places them on the device);
-    ``predict_step`` returns the :func:`~diffbir.pipeline.work.restore_item` result."""
+    ``predict_step`` returns the :func:`~diffbir.pipeline.work.restore_item` result. A
+    :class:`~diffbir.pipeline.faces.FaceRestorer`'s face models were placed when loaded."""
 
-    def __init__(self, restorer: Restorer, recipe: Recipe) -> None:
+    def __init__(self, restorer: Restorer | FaceRestorer, recipe: Recipe) -> None:
         super().__init__()
         self.cldm = restorer.cldm
         self.cleaner = restorer.cleaner.model
@@ -191,8 +193,8 @@ def attached(trainer: pl.Trainer, writer: BasePredictionWriter) -> Iterator[None
 
 
 def predict(
-    trainer: pl.Trainer, restorer: Restorer, recipe: Recipe, items: Sequence[WorkItem],
-    jobs: Mapping[str, Job], writer: OutputWriter,
+    trainer: pl.Trainer, restorer: Restorer | FaceRestorer, recipe: Recipe,
+    items: Sequence[WorkItem], jobs: Mapping[str, Job], writer: OutputWriter,
 ) -> None:  # fmt: skip
     """Run the work list over the trainer's processes, ``writer`` writing each item."""
     with attached(trainer, ItemWriter(writer)):

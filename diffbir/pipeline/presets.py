@@ -36,7 +36,7 @@ from diffbir.versions import (
 PRESET_GROUP = "inference"
 CONFIG_FILE = "config.yaml"
 # keys that do not change any output (left out when comparing with an earlier run's config)
-OUTPUT_NEUTRAL_KEYS = ("batch_size", "caption.batch_size")
+OUTPUT_NEUTRAL_KEYS = ("batch_size", "caption.batch_size", "faces.batch")
 
 
 def _sampling_defaults(version: str) -> ModelVersion:
@@ -169,6 +169,16 @@ def differing_keys(old: DictConfig, new: DictConfig) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
+def with_defaults(cfg: DictConfig) -> DictConfig:
+    """An earlier run's config with the keys added since at their defaults (of its version and
+    task); unchanged when it cannot be read as a config of today's options."""
+    try:
+        base = OmegaConf.structured(default_config(str(cfg.version), str(cfg.task)))
+        return OmegaConf.merge(base, cfg)
+    except (ValueError, OmegaConfBaseException):
+        return cfg
+
+
 def preset_name(version: str, task: str) -> str:
     """File stem of the preset of ``version`` and ``task`` (``sr`` is the version's own)."""
     return version if task == "sr" else f"{version}_{task}"
@@ -193,15 +203,15 @@ def preset_text(version: str, task: str) -> str:
 
 
 def write_presets(folder: Path = CONFIG_ROOT / PRESET_GROUP) -> list[Path]:
-    """Write the preset of every official version and task (except ``custom``)."""
+    """Write the preset of every official version and each of its tasks (except ``custom``)."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for version in VERSIONS:
-        for task in TASKS:
+    for version in VERSIONS.values():
+        for task in version.tasks:
             if task == "custom":
                 continue
-            path = folder / f"{preset_name(version, task)}.yaml"
-            path.write_text(preset_text(version, task))
+            path = folder / f"{preset_name(version.name, task)}.yaml"
+            path.write_text(preset_text(version.name, task))
             written.append(path)
     return written
 

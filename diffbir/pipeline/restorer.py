@@ -7,6 +7,7 @@ already placed (device and dtype are read from them).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -60,6 +61,12 @@ class Restorer:
         self.sampler = LatentSampler(
             self.cldm, schedule or NoiseSchedule.linear(), parameterization, compile=compile
         )
+
+    def with_cleaner(self, cleaner: Cleaner) -> Restorer:
+        """This restorer with another stage 1; the ControlLDM, codec and sampler are shared."""
+        other = copy.copy(self)
+        other.cleaner = cleaner
+        return other
 
     @property
     def device(self) -> torch.device:

@@ -40,6 +40,7 @@ from diffbir.pipeline.captions import (
     plan_captions,
 )
 from diffbir.pipeline.device import resolve_device, retain_cpu_heap
+from diffbir.pipeline.faces import FaceRestorer, PhotoTask
 from diffbir.pipeline.jobs import (
     Job,
     Report,
@@ -63,19 +64,23 @@ from diffbir.pipeline.predict import (
 from diffbir.pipeline.restorer import Restorer
 from diffbir.pipeline.sampling import StepCallback
 from diffbir.pipeline.work import (
+    ImageTask,
     ItemDataset,
     OutputWriter,
     Recipe,
     RunInterrupted,
+    Task,
     WorkItem,
     noise_strategy,
     restore_item,
     stop_on,
 )
 from diffbir.schema import SettingError
+from diffbir.versions import UNALIGNED_FACE
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130  # 130 = 128 + SIGINT, as shells report
-LoadModels = Callable[[ModelPlan, InferenceConfig, torch.device], Restorer]
+Models = Restorer | FaceRestorer  # the unaligned-face task's: a FaceRestorer
+LoadModels = Callable[[ModelPlan, InferenceConfig, torch.device], Models]
 
 
 @dataclass
@@ -150,7 +155,7 @@ class Runner:
         self.on_step = on_step
         self.output = Path(run.output)
 
-    def _load(self, plan: ModelPlan, cfg: InferenceConfig, device: torch.device) -> Restorer:
+    def _load(self, plan: ModelPlan, cfg: InferenceConfig, device: torch.device) -> Models:
         return load_restorer(
             plan, device=device, precision=cfg.precision, compile=self.options.compile
         )
@@ -168,16 +173,19 @@ class Runner:
                 f"--seed-mode official: one noise stream in file order needs one process, got "
                 f"{processes} (--devices {run.devices}, --num-nodes {run.num_nodes})"
             )
+        if run.save_faces and cfg.task != UNALIGNED_FACE:
+            raise SettingError(f"--save-faces: only used with --task {UNALIGNED_FACE}, or drop it")
         report = Report()
         jobs = plan_jobs(run, cfg, report)
         prompts = job_prompts(cfg, jobs)
         models = plan_from_config(cfg)
         check_model_config(models.cldm_config)
-        if models.stage1_config is not None:
-            check_model_config(models.stage1_config)
+        for stage1_config in (models.stage1_config, models.faces and models.faces.stage1_config):
+            if stage1_config:
+                check_model_config(stage1_config)
         check_output_folder(run.output)
         check_config_record(self.output, OmegaConf.structured(cfg), jobs, run.overwrite)
-        check_paths(models.paths)
+        check_paths(models)
         captions = plan_captions(
             cfg, jobs, output=self.output, overwrite=run.overwrite, device=device
         )
@@ -226,7 +234,7 @@ class Runner:
         items = strategy.items(plan.jobs, todo, self.cfg.batch_size)
         recipe = Recipe(
             self.cfg.restore, self.cfg.num_samples, plan.prompts, strategy,
-            stop_on(self.stop, self.on_step),
+            stop_on(self.stop, self.on_step), self._task(),
         )  # fmt: skip
         writer = OutputWriter({job.key: job for job in plan.jobs}, Report())
         if trainer is not None:
@@ -253,8 +261,14 @@ class Runner:
                 captions = caption_distributed(stage, trainer, plan.device, self.stop)
         plan.prompts.update(stage.prompts(plan.jobs, captions))
 
+    def _task(self) -> Task:
+        """What restoring an input means (a photo and its faces, or one image)."""
+        if self.cfg.task == UNALIGNED_FACE:
+            return PhotoTask(self.cfg.faces, keep=self.options.save_faces)
+        return ImageTask()
+
     def _run_local(
-        self, restorer: Restorer, recipe: Recipe, items: Sequence[WorkItem],
+        self, restorer: Models, recipe: Recipe, items: Sequence[WorkItem],
         writer: OutputWriter, count: int,
     ) -> None:  # fmt: skip
         """One process, no Trainer: the items in order, each written as it ends."""
@@ -280,7 +294,7 @@ class Runner:
                     images.update(len(item.jobs))
 
     def _run_distributed(
-        self, plan: RunPlan, trainer: pl.Trainer, restorer: Restorer, recipe: Recipe,
+        self, plan: RunPlan, trainer: pl.Trainer, restorer: Models, recipe: Recipe,
         items: Sequence[WorkItem], writer: OutputWriter, todo: Sequence[Job],
     ) -> RunResult:  # fmt: skip
         """``Trainer.predict`` over ``--devices`` x ``--num-nodes`` processes. Returns this

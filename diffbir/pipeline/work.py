@@ -1,5 +1,5 @@
-"""The work of a run, shared by every way of running it: work items, noise strategies,
-restoring one item and writing its outputs.
+"""The work of a run, shared by every way of running it: work items, noise strategies, task
+strategies, restoring one item and writing its outputs.
 
 The work list is decided once, before any restoration, by the run's :class:`NoiseStrategy`:
 :class:`PerImageSeeds` (ours) buckets the unfinished jobs by input size (same input size, same
@@ -10,9 +10,12 @@ one sample at a time, from one stream seeded once (the official code's draws), r
 draws of finished images (:func:`take_draws`) so that the ones after them get the noise of a
 complete run.
 
-:func:`restore_item` restores one loaded item and returns images and failure records (it
-neither writes nor prints); :class:`OutputWriter` writes them atomically and keeps the report.
-An unreadable image is a failure record, never an exception.
+The run's :class:`Task` says what restoring an input means: :class:`ImageTask` restores it as
+one image; the unaligned-face task (:class:`~diffbir.pipeline.faces.PhotoTask`) restores a
+photo's background and faces and pastes them together. :func:`restore_item` restores one loaded
+item through it and returns images and failure records (it neither writes nor prints);
+:class:`OutputWriter` writes them atomically and keeps the report. An unreadable image is a
+failure record, never an exception.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from PIL import Image
@@ -33,7 +36,7 @@ from diffbir.diffusion.samplers import SAMPLERS
 from diffbir.pipeline.checks import memory_limit, memory_problem
 from diffbir.pipeline.codec import latent_size
 from diffbir.pipeline.image_io import ImageReadError, to_tensor, write_png
-from diffbir.pipeline.jobs import Job, Report, derive_seed
+from diffbir.pipeline.jobs import Job, Report, derive_seed, face_seed
 from diffbir.pipeline.options import InferenceConfig, RestoreOptions
 from diffbir.pipeline.restorer import Restorer
 from diffbir.pipeline.sampling import LatentSampler, StepCallback
@@ -140,6 +143,19 @@ class NoiseStrategy(Protocol):
         """Take from the noise source what restoring ``lq`` would (finished images)."""
         ...
 
+    def faces_first(self, faces: int, take: Callable[[NoiseStream], None]) -> None:
+        """A photo's ``faces`` faces draw before its background (as the official restores
+        them), though restored after it: ``take(noise)`` takes the draws of one face."""
+        ...
+
+    def restore_faces(
+        self, restorer: Restorer, crops: Tensor, key: str, faces: Sequence[int],
+        prompts: Sequence[str], recipe: Recipe,
+    ) -> Tensor:  # fmt: skip
+        """Restore faces ``faces`` (their aligned crops, (B, 3, 512, 512)) of the photo ``key``
+        (after :meth:`faces_first`): samples (B, S, 3, H, W)."""
+        ...
+
 
 @dataclass
 class PerImageSeeds:
@@ -165,14 +181,29 @@ class PerImageSeeds:
     def replay(self, restorer: Restorer, lq: Tensor, recipe: Recipe) -> None:
         raise RuntimeError("per-image seeds have no stream to replay")
 
+    def faces_first(self, faces: int, take: Callable[[NoiseStream], None]) -> None:
+        return None  # seeds do not depend on order
+
+    def restore_faces(
+        self, restorer: Restorer, crops: Tensor, key: str, faces: Sequence[int],
+        prompts: Sequence[str], recipe: Recipe,
+    ) -> Tensor:  # fmt: skip
+        """Face ``i``'s seeds derive from the photo's (:func:`~.jobs.face_seed`)."""
+        photo = self.seeds(key, recipe.samples)
+        seeds = [[face_seed(seed, face) for seed in photo] for face in faces]
+        result = restorer.restore(crops, seeds, recipe.options, prompts, callback=recipe.callback)
+        return result.samples
+
 
 @dataclass
 class OfficialStream:
     """The official seeding: ``torch.manual_seed(seed)`` once, then every image in file order,
-    one sample at a time, each drawing from that one stream in the official order."""
+    one sample at a time, each drawing from that one stream in the official order (a photo of
+    the unaligned-face task: its faces in detection order, then its background)."""
 
     seed: int
     noise: OfficialNoise = field(init=False)
+    face_states: list[Tensor] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.noise = OfficialNoise(self.seed)
@@ -202,6 +233,31 @@ class OfficialStream:
         for _ in range(recipe.samples):
             take_draws(restorer.sampler, options, self.noise, like)
 
+    def faces_first(self, faces: int, take: Callable[[NoiseStream], None]) -> None:
+        """Note where each face's draws begin and move the stream past them all, so that the
+        background restored next draws what the official draws after the faces."""
+        self.face_states = []
+        for _ in range(faces):
+            self.face_states.append(self.noise.generator.get_state())
+            take(self.noise)
+
+    def restore_faces(
+        self, restorer: Restorer, crops: Tensor, key: str, faces: Sequence[int],
+        prompts: Sequence[str], recipe: Recipe,
+    ) -> Tensor:  # fmt: skip
+        restored = []
+        for crop, face, prompt in zip(crops, faces, prompts, strict=True):
+            generator = torch.Generator(self.noise.generator.device)
+            generator.set_state(self.face_states[face])
+            noise = OfficialNoise(generator)
+            samples = [
+                restorer.restore(crop[None], [[self.seed]], recipe.options, [prompt], noise,
+                                 recipe.callback).samples  # fmt: skip
+                for _ in range(recipe.samples)
+            ]
+            restored.append(torch.cat(samples, dim=1))
+        return torch.cat(restored)
+
 
 def take_draws(
     sampler: LatentSampler, options: RestoreOptions, noise: NoiseStream, like: Tensor
@@ -223,17 +279,60 @@ def noise_strategy(cfg: InferenceConfig) -> NoiseStrategy:
     return OfficialStream(cfg.seed) if cfg.seed_mode == "official" else PerImageSeeds(cfg.seed)
 
 
+# ----- task strategies -----
+class Restored(NamedTuple):
+    """One restored input: its key, its stage-1 condition (3, H, W) and its samples (a
+    (S, 3, H, W) tensor, or S (H, W, 3) uint8 arrays); ``photo``: for the unaligned-face task,
+    the photo's :class:`~diffbir.pipeline.faces.PhotoResult`."""
+
+    key: str
+    condition: Tensor
+    samples: Tensor | Sequence[Any]
+    photo: Any = None
+
+
+class Task(Protocol):
+    """What restoring an input of the run's task means, given its models."""
+
+    def restore(
+        self, models: Any, lq: Tensor, keys: Sequence[str], prompts: Sequence[str],
+        recipe: Recipe,
+    ) -> list[Restored]:  # fmt: skip
+        """Restore same-size inputs ``lq`` (B, 3, H, W) with their keys and prompts."""
+        ...
+
+    def replay(self, models: Any, lq: Tensor, recipe: Recipe) -> None:
+        """Take from the noise stream what restoring ``lq`` would (finished inputs)."""
+        ...
+
+
+class ImageTask:
+    """Every task but the unaligned-face one: an input is one image, restored by a
+    :class:`~diffbir.pipeline.restorer.Restorer` through the noise strategy."""
+
+    def restore(
+        self, models: Restorer, lq: Tensor, keys: Sequence[str], prompts: Sequence[str],
+        recipe: Recipe,
+    ) -> list[Restored]:  # fmt: skip
+        conditions, samples = recipe.strategy.restore(models, lq, keys, prompts, recipe)
+        return [Restored(k, conditions[j], samples[j]) for j, k in enumerate(keys)]
+
+    def replay(self, models: Restorer, lq: Tensor, recipe: Recipe) -> None:
+        recipe.strategy.replay(models, lq, recipe)
+
+
 # ----- restoring and writing -----
 @dataclass
 class Recipe:
     """What decides an output besides the models and the input (options, samples, the positive
-    prompt of each key, the noise strategy), and who hears of each sampling step."""
+    prompt of each key, the noise strategy, the task), and who hears of each sampling step."""
 
     options: RestoreOptions
     samples: int
     prompts: Mapping[str, str]
     strategy: NoiseStrategy
     callback: StepCallback | None = None
+    task: Task = field(default_factory=ImageTask)
 
 
 def stop_on(event: threading.Event, then: StepCallback | None = None) -> StepCallback:
@@ -249,20 +348,22 @@ def stop_on(event: threading.Event, then: StepCallback | None = None) -> StepCal
     return step
 
 
-def restore_item(restorer: Restorer, item: Mapping[str, Any], recipe: Recipe) -> dict[str, list]:
-    """Restore one loaded work item: ``restored`` ``(key, condition, samples)`` (CPU tensors)
+def restore_item(models: Any, item: Mapping[str, Any], recipe: Recipe) -> dict[str, list]:
+    """Restore one loaded work item with the models of the run's task (a
+    :class:`~diffbir.pipeline.restorer.Restorer`, or the unaligned-face task's
+    :class:`~diffbir.pipeline.faces.FaceRestorer`): ``restored`` :class:`Restored` (on the CPU)
     and ``failures`` ``(source, reason)``. Images of different sizes are restored in groups;
     a replay item only advances the noise stream."""
     if item["replay"]:
         for image in item["images"]:
-            recipe.strategy.replay(restorer, image, recipe)
+            recipe.task.replay(models, image, recipe)
         return {"restored": [], "failures": []}
-    restored: list[tuple[str, Tensor, Tensor]] = []
+    restored: list[Restored] = []
     failures = list(item["failures"])
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(item["images"]):
         groups.setdefault(tuple(image.shape), []).append(i)
-    limit, element_size = memory_limit(restorer.device), torch.finfo(restorer.dtype).bits // 8
+    limit, element_size = memory_limit(models.device), torch.finfo(models.dtype).bits // 8
     for members in groups.values():
         keys = [item["keys"][i] for i in members]
         height, width = item["images"][members[0]].shape[-2:]
@@ -274,11 +375,9 @@ def restore_item(restorer: Restorer, item: Mapping[str, Any], recipe: Recipe) ->
         try:
             lq = torch.cat([item["images"][i] for i in members])
             prompts = [recipe.prompts[k] for k in keys]
-            conditions, samples = recipe.strategy.restore(restorer, lq, keys, prompts, recipe)
+            restored += recipe.task.restore(models, lq, keys, prompts, recipe)
         except (RuntimeError, ValueError, OSError) as err:
             failures += [(item["sources"][i], f"restoration failed: {err}") for i in members]
-            continue
-        restored += [(k, conditions[j], samples[j]) for j, k in enumerate(keys)]
     return {"restored": restored, "failures": failures}
 
 
@@ -290,10 +389,14 @@ class OutputWriter:
         self.report = report
 
     def write(self, result: Mapping[str, list]) -> None:
-        """Write one :func:`restore_item` result; record what happened to each input."""
-        for key, condition, samples in result["restored"]:
+        """Write one :func:`restore_item` result; record what happened to each input. The
+        outputs of a job are written last (they mark it done): its stage-1 condition and a
+        photo's faces and background (``--save-faces``) come first."""
+        for key, condition, samples, photo in result["restored"]:
             job = self.jobs[key]
             try:
+                if photo is not None and job.faces is not None:
+                    photo.write(job.faces)
                 if job.condition_output is not None:
                     write_png(job.condition_output, condition)
                 for path, sample in zip(job.outputs, samples, strict=True):
@@ -302,5 +405,7 @@ class OutputWriter:
                 self.report.fail(job.source, f"writing failed: {err}")
                 continue
             self.report.restored.append(job.source)
+            if photo is not None:
+                self.report.count_faces(job.source, photo.plan)
         for source, reason in result["failures"]:
             self.report.fail(source, reason)
