@@ -24,8 +24,10 @@ of each face plug in there).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +36,7 @@ from torch import Tensor
 from diffbir.diffusion.noise import NoiseStream
 from diffbir.faces import FACE_QUIRKS, FACE_SIZE, Detector, FacePaster, FacePlan, Parser, plan_faces
 from diffbir.faces.align import DETECTOR_SIDE
+from diffbir.faces.networks import face_network_paths
 from diffbir.pipeline.checks import GIB, memory_limit, memory_problem
 from diffbir.pipeline.codec import latent_size
 from diffbir.pipeline.image_io import to_uint8, write_png
@@ -42,6 +45,8 @@ from diffbir.pipeline.options import FaceOptions, RestoreOptions
 from diffbir.pipeline.restorer import Restorer
 from diffbir.pipeline.sampling import StepCallback
 from diffbir.pipeline.work import PerImageSeeds, Recipe, Restored, take_draws
+from diffbir.versions import CUSTOM, ModelVersion
+from diffbir.weights import weight_path
 
 # Bytes per pixel of the detector input that RetinaFace-ResNet50 holds at once (float32), measured
 # on CPU: +0.48 GiB at 1280x1706, +1.8 GiB at 2560x3413 (random weights, peak resident memory).
@@ -56,6 +61,33 @@ PartPrompt = Callable[[str, int | None, np.ndarray], str]
 def photo_prompt(prompt: str, face: int | None, image: np.ndarray) -> str:
     """Every face and the background get the photo's prompt."""
     return prompt
+
+
+@dataclass(frozen=True)
+class FaceModelPlan:
+    """What the unaligned-face task loads beside the models of the whole photo (the version's
+    sr task; the ControlLDM serves both): the stage 1 of the faces (``stage1`` ``None``: no
+    stage-1 model) and the face detector and parser files."""
+
+    stage1: Path | None
+    stage1_config: str | None
+    detector: Path
+    parser: Path
+
+
+def plan_face_models(
+    version: ModelVersion, stage1: Path | None, stage1_config: str | None,
+    weights_dir: str | os.PathLike | None,
+) -> FaceModelPlan:  # fmt: skip
+    """The version's face stage 1, face detector and parser in ``weights_dir``; ``custom``
+    restores the faces with its one stage 1 (``stage1``, ``stage1_config``) too."""
+    if version.name != CUSTOM:
+        spec = version.stage1["face"]
+        stage1, stage1_config = weight_path(spec.file, weights_dir), spec.config
+    networks = face_network_paths(weights_dir)
+    return FaceModelPlan(
+        stage1, stage1_config, networks["face_detector"], networks["face_parser"]
+    )
 
 
 class FaceRestorer:

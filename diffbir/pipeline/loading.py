@@ -20,10 +20,10 @@ from diffbir.checkpoint import (
 )
 from diffbir.config import build_model, load_config
 from diffbir.diffusion import NoiseSchedule
-from diffbir.faces.networks import face_network_paths, load_detector, load_parser
+from diffbir.faces.networks import load_detector, load_parser
 from diffbir.pipeline.cleaner import Cleaner
 from diffbir.pipeline.device import PRECISIONS, resolve_device, warn_if_slow_precision
-from diffbir.pipeline.faces import FaceRestorer
+from diffbir.pipeline.faces import FaceModelPlan, FaceRestorer, plan_face_models
 from diffbir.pipeline.options import InferenceConfig
 from diffbir.pipeline.precision import place_models, place_stage1
 from diffbir.pipeline.restorer import Restorer
@@ -141,18 +141,6 @@ def check_version(paths: WeightPaths, version: ModelVersion, task: str) -> None:
 
 
 @dataclass(frozen=True)
-class FaceModelPlan:
-    """What the unaligned-face task loads beside the models of the whole photo (the version's
-    sr task; the ControlLDM serves both): the stage 1 of the faces (``stage1`` ``None``: no
-    stage-1 model) and the face detector and parser files."""
-
-    stage1: Path | None
-    stage1_config: str | None
-    detector: Path
-    parser: Path
-
-
-@dataclass(frozen=True)
 class ModelPlan:
     """What a run will load, checked but not read: the task, the version, the weight files and
     the model configs (:func:`plan_models`); ``faces``: the unaligned-face task's own models."""
@@ -200,8 +188,7 @@ def plan_models(
 ) -> ModelPlan:
     """The checks of the models of a run that need no file: the task, the stage-1 config and
     each file's version (:class:`WrongVersionError`); :func:`check_paths` checks that the files
-    are there. The unaligned-face task's face models are the official files of ``version`` in
-    ``weights_dir`` (``custom``: its one stage 1 restores the faces too)."""
+    are there. The unaligned-face task's own models: :func:`~.faces.plan_face_models`."""
     if task not in TASKS:
         raise ValueError(f"--task: expected one of {list(TASKS)}, got {task!r}")
     if isinstance(version, str):
@@ -222,15 +209,7 @@ def plan_models(
     check_version(paths, version, task)
     faces = None
     if task == UNALIGNED_FACE:
-        networks = face_network_paths(weights_dir)
-        face_stage1, face_config = paths.stage1, stage1_config
-        if version.name != CUSTOM:
-            face_spec = version.stage1["face"]
-            face_stage1 = weight_path(face_spec.file, weights_dir)
-            face_config = face_spec.config
-        faces = FaceModelPlan(
-            face_stage1, face_config, networks["face_detector"], networks["face_parser"]
-        )
+        faces = plan_face_models(version, paths.stage1, stage1_config, weights_dir)
     return ModelPlan(task, version, paths, str(cldm_config), stage1_config, faces)
 
 
