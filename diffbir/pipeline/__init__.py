@@ -3,6 +3,7 @@ runner behind every way of running it, and the ``diffbir-infer`` CLI."""
 
 from diffbir.pipeline.cleaner import Cleaner
 from diffbir.pipeline.device import PRECISIONS, resolve_device, retain_cpu_heap
+from diffbir.pipeline.faces import FaceRestorer
 from diffbir.pipeline.loading import (
     TASKS,
     WeightPaths,
@@ -12,6 +13,7 @@ from diffbir.pipeline.loading import (
 )
 from diffbir.pipeline.options import (
     CaptionOptions,
+    FaceOptions,
     GuidanceOptions,
     InferenceConfig,
     RestoreOptions,
@@ -26,6 +28,8 @@ __all__ = [
     "TASKS",
     "CaptionOptions",
     "Cleaner",
+    "FaceOptions",
+    "FaceRestorer",
     "GuidanceOptions",
     "InferenceConfig",
     "RestoreOptions",

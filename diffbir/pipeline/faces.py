@@ -38,6 +38,7 @@ from diffbir.faces import FACE_QUIRKS, FACE_SIZE, Detector, FacePaster, FacePlan
 from diffbir.faces.align import DETECTOR_SIDE
 from diffbir.faces.networks import face_network_paths
 from diffbir.pipeline.checks import GIB, memory_limit, memory_problem
+from diffbir.pipeline.cleaner import Cleaner
 from diffbir.pipeline.codec import latent_size
 from diffbir.pipeline.image_io import to_uint8, write_png
 from diffbir.pipeline.jobs import FaceOutputs
@@ -110,7 +111,7 @@ class FaceRestorer:
         return self.background.cldm
 
     @property
-    def cleaner(self):
+    def cleaner(self) -> Cleaner:
         """The stage 1 of the whole photo (the faces': ``faces.cleaner``)."""
         return self.background.cleaner
 
