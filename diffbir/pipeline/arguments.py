@@ -111,9 +111,14 @@ def _add(groups: dict[str, Any], parser: argparse.ArgumentParser, cls: type, pre
         groups[group_name].add_argument(spec.flag, **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``diffbir-infer``."""
-    parser = argparse.ArgumentParser(prog="diffbir-infer", description=DESCRIPTION)
+def build_parser(
+    prog: str = "diffbir-infer", description: str = DESCRIPTION, run_options: bool = True
+) -> argparse.ArgumentParser:
+    """The argument parser of ``diffbir-infer``: ``--config``, ``key=value`` overrides, a flag
+    per config field and the shorthands, and (``run_options``) a flag per run option. Another
+    command that takes the same config (``diffbir-demo``) passes its own ``prog`` and adds its
+    own arguments."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)"
     )
@@ -123,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     groups: dict[str, Any] = {}
     _add(groups, parser, InferenceConfig, "")
-    _add(groups, parser, RunOptions, RUN_PREFIX)
+    if run_options:
+        _add(groups, parser, RunOptions, RUN_PREFIX)
     for shorthand in SHORTHANDS:
         groups[shorthand.group].add_argument(
             shorthand.flag,
@@ -134,17 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse(argv: Sequence[str] | None = None) -> Invocation:
-    """Parse a command line (``SystemExit`` 2 with argparse's message on a malformed one; a
-    bad value of a run option raises :class:`~diffbir.schema.SettingError`)."""
-    namespace = vars(build_parser().parse_intermixed_args(argv))
-    flags = {
-        key: value
-        for key, value in namespace.items()
-        if not key.startswith((RUN_PREFIX, SHORTHAND_PREFIX)) and key not in ("config", "overrides")
-    }
+def invocation(namespace: dict[str, Any]) -> Invocation:
+    """The :class:`Invocation` of parsed arguments (``vars`` of a namespace of a parser made
+    by :func:`build_parser`; arguments a command added for itself are left out). A bad value
+    of a run option raises :class:`~diffbir.schema.SettingError`."""
+    config_keys = {key for key, _, _ in leaves(InferenceConfig)}
+    flags = {key: value for key, value in namespace.items() if key in config_keys}
     for shorthand in SHORTHANDS:
         if namespace[SHORTHAND_PREFIX + shorthand.flag.lstrip("-")]:
             flags.update(shorthand.expand(flags))
     run = {k[len(RUN_PREFIX) :]: v for k, v in namespace.items() if k.startswith(RUN_PREFIX)}
     return Invocation(namespace["config"], list(namespace["overrides"]), flags, RunOptions(**run))
+
+
+def parse(argv: Sequence[str] | None = None) -> Invocation:
+    """Parse a command line (``SystemExit`` 2 with argparse's message on a malformed one; a
+    bad value of a run option raises :class:`~diffbir.schema.SettingError`)."""
+    return invocation(vars(build_parser().parse_intermixed_args(argv)))

@@ -33,6 +33,23 @@ def config_from_argv(argv: Sequence[str] | None = None) -> tuple[InferenceConfig
     return cfg, invocation.run
 
 
+# What a user can cause: the message is printed and the command exits with :func:`exit_status`.
+USER_ERRORS = (ValueError, FileNotFoundError, CaptionerUnavailableError)
+
+
+def exit_status(err: Exception) -> int:
+    """The exit status of a user error: 1 for weight files missing or unreadable or the
+    captioner unavailable, 2 for bad arguments, a bad config or a weight file of another
+    version."""
+    if isinstance(err, (MissingWeightsError, CaptionerUnavailableError)):
+        return 1
+    if isinstance(err, WrongVersionError):
+        return EXIT_USAGE
+    if isinstance(err, CheckpointError):
+        return 1
+    return EXIT_USAGE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``diffbir-infer``; returns the exit status (0 done, 1 some inputs failed,
     weights missing or unreadable, or the captioner unavailable, 2 bad arguments, config or
@@ -43,15 +60,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted (before any image was restored)", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (MissingWeightsError, CaptionerUnavailableError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
-    except WrongVersionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return exit_status(err)
