@@ -81,16 +81,17 @@ def _answers(url: str) -> bool:
 @contextmanager
 def serve(
     command: Sequence[str], url: str, log: Path, env: dict[str, str] | None = None,
-    timeout: float = 180.0,
+    timeout: float = 180.0, cwd: Path | None = None,
 ) -> Iterator[subprocess.Popen]:
-    """Start ``command`` (a server that will answer ``url``), wait until ``url`` answers 200,
-    and stop the process on exit, whatever happened. Its output goes to ``log``, whose tail is
-    in the error when the server dies or does not answer within ``timeout`` seconds."""
+    """Start ``command`` (a server that will answer ``url``) in ``cwd``, wait until ``url``
+    answers 200, and stop the process on exit, whatever happened. Its output goes to ``log``,
+    whose tail is in the error when the server dies or does not answer within ``timeout``
+    seconds."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             list(command), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **(env or {})}, cwd=cwd,
         )
         try:
             deadline = time.monotonic() + timeout

@@ -1,13 +1,15 @@
-"""Browser tests of the demo's ground: a minimal Gradio page built with the demo's job slot and
-launch helper (a stand-in loop takes the runner's place), served by a child process and driven
-in headless Chromium. Upload, per-step progress, the result read back byte-exact, downloads,
-errors in the page, the queue and cancel between steps.
+"""``diffbir-demo`` in headless Chromium: the real server (``scripts/demo.py``) on a free port
+with the tiny models in the official file formats, one server for the module.
 
-No ``from __future__ import annotations`` here: Gradio finds the ``gr.Request`` and
-``gr.Progress`` parameters of a handler by its annotations, which must then resolve, and ``gr``
-is local to :func:`build_page`."""
+The restored image shown in the page equals, after decoding, what ``diffbir-infer`` writes for
+the same file and config (the config the page offers for download); the upload reaches the
+runner untouched; progress per step; downloads; bad input and refused options are messages in
+the page; jobs queue with a visible position and a cancel stops its job between steps, the next
+job waiting until the cancelled one's thread has let the model go.
+"""
 
-import os
+from __future__ import annotations
+
 import re
 import sys
 import time
@@ -16,127 +18,56 @@ from pathlib import Path
 import numpy as np
 import pytest
 from browser import fetch_png, free_port, serve
+from PIL import Image
 
-STEP_LOG = re.compile(r"^(\d+\.\d+) (\w+) (step|stopped|done|waiting)\b(.*)$", re.M)
-
-
-def invert_steps(path: str, steps: int, seconds: float, cancelled, on_step, out_dir: Path):
-    """Stand-in for the runner: ``steps`` steps of ``seconds`` of torch work each, the cancel
-    flag checked before each; writes the inverted image (PNG) and a config (YAML)."""
-    import torch
-
-    from diffbir.pipeline.image_io import read_image, to_tensor, write_png, write_text
-
-    img = to_tensor(read_image(path))
-    for i in range(steps):
-        if cancelled.is_set():
-            return i, None
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            torch.mm(torch.rand(64, 64), torch.rand(64, 64))
-        on_step(i + 1, steps)
-    png = write_png(out_dir / (Path(path).stem + ".png"), 1.0 - img)
-    yaml = write_text(out_dir / "config.yaml", f"steps: {steps}\n")
-    return steps, (png, yaml)
-
-
-def build_page():
-    """The minimal page: upload, steps, run, cancel, before/after slider, downloads."""
-    import tempfile
-
-    from diffbir.demo.jobs import Jobs
-    from diffbir.demo.serve import import_gradio
-    from diffbir.pipeline.image_io import ImageReadError, read_image
-
-    gr = import_gradio()
-    jobs = Jobs()
-
-    def log(session: str, what: str) -> None:
-        print(f"{time.time():.3f} {session} {what}", flush=True)
-
-    def check_upload(payload):
-        """Gradio's own check of an upload shows a bare 'Error'; this names the file."""
-        if payload is None:
-            return
-        try:
-            read_image(payload["path"])
-        except ImageReadError as err:
-            message = f"{payload.get('orig_name')}: {err.reason}"
-            raise gr.Error(message, print_exception=False) from None
-
-    # Gradio passes a live progress tracker to the parameter whose default is a gr.Progress.
-    def restore(path, steps, seconds, request: gr.Request, progress=gr.Progress()):  # noqa: B008
-        if path is None:
-            raise gr.Error("Upload an image first.", print_exception=False)
-        session = request.session_hash
-        log(session, "waiting")
-        with jobs.run(session) as cancelled:
-            progress((0, int(steps)), desc="sampling", unit="steps")
-
-            def on_step(i: int, n: int) -> None:
-                log(session, f"step {i}/{n}")
-                progress((i, n), desc="sampling", unit="steps")
-
-            # beside Gradio's own files (the test's temporary folder)
-            out_dir = Path(tempfile.mkdtemp(prefix="out-", dir=os.environ.get("GRADIO_TEMP_DIR")))
-            done, files = invert_steps(path, int(steps), seconds, cancelled, on_step, out_dir)
-        if files is None:
-            log(session, f"stopped after {done}/{int(steps)}")
-            raise gr.Error(f"Cancelled after {done} steps.", print_exception=False)
-        log(session, f"done {files[0]} {files[1]}")
-        return (path, str(files[0])), [str(f) for f in files]
-
-    def cancel(request: gr.Request):
-        jobs.cancel(request.session_hash)
-
-    with gr.Blocks(title="diffbir demo test page", analytics_enabled=False) as page:
-        with gr.Row():
-            photo = gr.Image(type="filepath", image_mode=None, label="Photo", elem_id="photo")
-            slider = gr.ImageSlider(type="filepath", format="png", label="Before / after",
-                                    elem_id="slider", interactive=False)
-        steps = gr.Slider(1, 100, value=3, step=1, label="Steps", elem_id="steps")
-        seconds = gr.Number(0.1, label="Seconds per step", elem_id="seconds")
-        with gr.Row():
-            run = gr.Button("Restore", variant="primary", elem_id="run")
-            stop = gr.Button("Cancel", elem_id="cancel")
-        downloads = gr.File(label="Downloads", file_count="multiple", elem_id="downloads",
-                            interactive=False)
-        photo.upload(check_upload, photo, None, preprocess=False).failure(
-            lambda: None, None, photo
-        )
-        job = run.click(restore, [photo, steps, seconds], [slider, downloads],
-                        concurrency_limit=1, concurrency_id="model")
-        stop.click(cancel, None, None, queue=False, cancels=[job])
-    return page
-
-
-if __name__ == "__main__":
-    from diffbir.demo.serve import launch
-
-    launch(build_page(), port=int(sys.argv[1]))
-
-
-# ---------------------------------------------------------------------------------- the tests
+REPO = Path(__file__).resolve().parent.parent
+JOB_LOG = re.compile(r"^\d\d:\d\d:\d\d job (\w+): (.*)$", re.M)
+# Waits that only the machine's load decides (the tiny models' work, Gradio's start).
+SLOW = 180_000
 
 
 @pytest.fixture(scope="module")
-def page_server(chromium, tmp_path_factory):
-    """This file served as the minimal page on a free port; its log holds the step lines."""
-    root = tmp_path_factory.mktemp("demo_page")
+def demo(chromium, tmp_path_factory):
+    """The demo served from a preset over tiny official-format weights (v2, CPU, 3 steps, a
+    small working size), in an empty working folder and its own temporary folder; after the
+    module, both are checked to be empty again (nothing left behind)."""
+    from diffbir.tiny_weights import write_tiny_weights
+
+    root = tmp_path_factory.mktemp("demo")
+    weights = write_tiny_weights(root / "weights")
+    preset = root / "tiny.yaml"
+    preset.write_text(
+        "version: v2\ntask: sr\ndevice: cpu\n"
+        f"weights:\n  dir: {weights}\n  cldm_config: control_ldm_tiny\n"
+        "  stage1_config: bsrnet_tiny\n"
+        "restore:\n  upscale: 1.0\n  steps: 3\n  min_side: 64\n  cfg_scale: 2.0\n"
+    )
+    work, temp = root / "cwd", root / "tmp"
+    work.mkdir()
+    temp.mkdir()
     port = free_port()
-    log = root / "server.log"
-    repo = Path(__file__).resolve().parent.parent
-    env = {"PYTHONPATH": str(repo), "GRADIO_TEMP_DIR": str(root / "gradio")}
     url = f"http://127.0.0.1:{port}/"
+    log = root / "server.log"
+    # One torch thread, as the CLI runs in this process (conftest): the same arithmetic.
+    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TMPDIR": str(temp)}
+    command = [sys.executable, str(REPO / "scripts" / "demo.py"), "--config", str(preset),
+               "--port", str(port)]  # fmt: skip
     start = time.monotonic()
-    with serve([sys.executable, __file__, str(port)], url, log, env=env):
-        print(f"page server answered after {time.monotonic() - start:.1f} s")
-        yield url, log
+    with serve(command, url, log, env=env, cwd=work, timeout=SLOW / 1000):
+        print(f"demo server answered after {time.monotonic() - start:.1f} s")
+        yield {"url": url, "log": log, "preset": preset}
+    assert not list(work.iterdir()), "the demo wrote into its working folder"
+    assert not list(temp.glob("diffbir-demo-*")), "the demo left its temporary folder"
 
 
-def open_page(page, url: str) -> None:
+def open_page(page, url: str, *sections: str) -> None:
+    """Load the page and open the advanced ``sections`` (at once: a control of a section is
+    only built when it opens, and a value typed while it is being built can be lost)."""
     page.goto(url)
-    page.locator("#run").wait_for()
+    page.locator("#run").wait_for(timeout=SLOW)
+    for name in sections:
+        page.get_by_text(f"Advanced: {name}", exact=True).click()
+        page.locator(f"#section-{name.replace(' ', '-')}").locator("input").first.wait_for()
     # Record every distinct progress text shown, however briefly.
     page.evaluate("""() => {
         window.progressSeen = [];
@@ -149,108 +80,137 @@ def open_page(page, url: str) -> None:
     }""")
 
 
-def set_number(page, elem_id: str, value: float) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
+def upload(page, path: Path) -> None:
+    page.locator("#photo input[type=file]").set_input_files(str(path))
+    page.locator("#photo img").wait_for()
+
+
+def set_value(page, elem_id: str, value: object) -> None:
+    """Type ``value`` into the box of control ``elem_id`` (a number box, or a text box)."""
+    box = page.locator(f"#{elem_id}").locator("input, textarea").first
+    box.wait_for()
     box.fill(str(value))
     box.press("Enter")
 
 
-def log_lines(log: Path, since: int = 0) -> list[tuple[float, str, str, str]]:
-    """``(time, session, kind, rest)`` of the page's job lines after byte ``since`` of its log."""
-    text = log.read_bytes()[since:].decode(errors="replace")
-    return [(float(t), s, kind, rest.strip()) for t, s, kind, rest in STEP_LOG.findall(text)]
+def job_lines(log: Path, since: int = 0) -> list[tuple[str, str]]:
+    """``(session, what)`` of the server's job lines after byte ``since`` of its log, in order."""
+    return JOB_LOG.findall(log.read_bytes()[since:].decode(errors="replace"))
 
 
-def test_result_is_shown_byte_exact_with_progress_and_downloads(browser_page, page_server,
-                                                                 real47_dir):
-    from PIL import Image
+def test_shown_result_equals_diffbir_infers_bytes_for_the_downloaded_config(
+    browser_page, demo, real47_dir, tmp_path
+):
+    from diffbir.pipeline import cli
+    from diffbir.pipeline.presets import resolve_config
 
-    url, log = page_server
-    since = log.stat().st_size
-    page = browser_page
-    open_page(page, url)
-    photo = real47_dir / "1.jpg"
-    page.locator("#photo input[type=file]").set_input_files(str(photo))
-    page.locator("#photo img").wait_for()
-    set_number(page, "steps", 4)
+    page, photo = browser_page, real47_dir / "48.jpg"
+    open_page(page, demo["url"])
+    upload(page, photo)
+    page.locator("#random-seed").click()
+    page.wait_for_function("() => document.querySelector('#opt-seed input').value !== '231'")
+    set_value(page, "opt-seed", 5)
+    set_value(page, "opt-restore-steps", 4)
     page.locator("#run").click()
     after = page.locator("#slider img").nth(1)
-    after.wait_for(timeout=60_000)
-
-    (done,) = [line for line in log_lines(log, since) if line[2] == "done"]
-    written_png, written_yaml = map(Path, done[3].split())
+    after.wait_for(timeout=SLOW)
     shown = fetch_png(page, after.get_attribute("src"))
-    written = np.asarray(Image.open(written_png))
-    assert shown.dtype == np.uint8 and np.array_equal(shown, written)
-    # the result is of this photo (inverted), not some other image
-    original = np.asarray(Image.open(photo).convert("RGB")).astype(int)
-    assert np.abs(written.astype(int) - (255 - original)).max() <= 1
-
-    before = page.request.get(page.locator("#slider img").nth(0).get_attribute("src")).body()
-    assert before == photo.read_bytes(), "the upload reached the server re-encoded"
-
-    seen = page.evaluate("window.progressSeen")
-    assert [f"sampling: {i} / 4 steps" for i in range(1, 5)] == [
-        s for s in seen if re.fullmatch(r"sampling: [1-4] / 4 steps", s)
-    ], seen
 
     links = page.locator("#downloads a")
     assert links.count() == 2
-    for i, expected in enumerate((written_png, written_yaml)):
-        with page.expect_download() as info:
-            links.nth(i).click()
-        assert info.value.suggested_filename == expected.name
-        assert Path(info.value.path()).read_bytes() == expected.read_bytes()
+    with page.expect_download() as info:
+        links.nth(1).click()
+    config = tmp_path / info.value.suggested_filename
+    info.value.save_as(config)
+    assert config.name == "config.yaml"
+    # the page's config is the server's preset with the two values typed in the page
+    expected, _ = resolve_config(demo["preset"], [], {"seed": 5, "restore.steps": 4})
+    assert resolve_config(config)[0] == expected
+
+    out = tmp_path / "cli"
+    argv = ["--config", str(config), "--input", str(photo), "--output", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    written = np.asarray(Image.open(out / "48.png"))
+    assert shown.dtype == np.uint8 and shown.shape == written.shape
+    assert np.array_equal(shown, written)
+    with page.expect_download() as info:
+        links.nth(0).click()
+    assert Path(info.value.path()).read_bytes() == (out / "48.png").read_bytes()
+
+    before = page.request.get(page.locator("#slider img").nth(0).get_attribute("src")).body()
+    assert before == photo.read_bytes(), "the upload reached the server re-encoded"
+    seen = page.evaluate("window.progressSeen")
+    assert any(re.fullmatch(r"sampling: [1-4] / 4 steps", s) for s in seen), seen
+    command = "diffbir-infer --config config.yaml --input 48.jpg"
+    assert command in page.locator("#status").inner_text()
 
 
-def test_not_an_image_shows_a_message_and_no_traceback(browser_page, page_server, tmp_path):
-    url, _log = page_server
+def test_bad_input_and_refused_options_are_messages_in_the_page(browser_page, demo, real47_dir,
+                                                               tmp_path):  # fmt: skip
     page = browser_page
-    open_page(page, url)
+    open_page(page, demo["url"], "tiling")
+    page.locator("#run").click()
+    page.get_by_text("Upload a photo first, or pick an example.").wait_for()
+
     text = tmp_path / "notes.txt"
     text.write_text("a text file, not a photo\n")
     page.locator("#photo input[type=file]").set_input_files(str(text))
     page.get_by_text("Invalid file type: notes.txt").wait_for()
-
     disguised = tmp_path / "notes.png"
     disguised.write_text("a text file, not a photo\n")
     page.locator("#photo input[type=file]").set_input_files(str(disguised))
     page.get_by_text("notes.png: not a recognised image").wait_for()
+    page.locator("#photo img").wait_for(state="hidden")  # refused: the upload is cleared
+
+    upload(page, real47_dir / "48.jpg")
+    set_value(page, "opt-restore-tiles-diffusion-stride", 256)
     page.locator("#run").click()
-    page.get_by_text("Upload an image first.").wait_for()
+    page.get_by_text("--diffusion-tile-stride: only used with --diffusion-tile (or --tiled), "
+                     "got 256 without it").wait_for()  # fmt: skip
+    set_value(page, "opt-restore-tiles-diffusion-stride", "")
+
+    set_value(page, "opt-restore-upscale", 64)
+    page.locator("#run").click()
+    page.get_by_text(re.compile(r"48\.jpg: too large to restore: .* add --tiled")).wait_for(
+        timeout=SLOW
+    )
     assert "Traceback" not in page.content()
 
 
-def test_queue_shows_position_and_cancel_stops_between_steps(chromium, browser_page,
-                                                             page_server, real47_dir):
-    url, log = page_server
+def test_queue_position_and_cancel_between_steps(chromium, browser_page, demo, real47_dir):
+    log = demo["log"]
     since = log.stat().st_size
     first = browser_page
     second = chromium.new_context().new_page()
+    second.set_default_timeout(SLOW)
     try:
-        # The first job's steps are long, so that the cancel lands inside one: Gradio lets the
-        # next job start at once, while the first one's thread finishes its step.
-        for page, steps, seconds in ((first, 60, 3.0), (second, 2, 0.2)):
-            open_page(page, url)
-            page.locator("#photo input[type=file]").set_input_files(str(real47_dir / "1.jpg"))
-            page.locator("#photo img").wait_for()
-            set_number(page, "steps", steps)
-            set_number(page, "seconds", seconds)
+        open_page(first, demo["url"], "restoration")
+        open_page(second, demo["url"])
+        for page in (first, second):
+            upload(page, real47_dir / "48.jpg")
+        # The first job is long (1000 steps at a larger working size): the cancel lands in it.
+        set_value(first, "opt-restore-steps", 1000)
+        set_value(first, "opt-restore-min-side", 320)
         first.locator("#run").click()
-        first.wait_for_function("() => window.progressSeen.some(t => /^sampling: [1-9]/.test(t))")
+        first.wait_for_function(
+            "() => window.progressSeen.some(t => /^sampling: [1-9]\\d* \\/ 1000/.test(t))",
+            timeout=SLOW,
+        )
         second.locator("#run").click()
         second.get_by_text(re.compile(r"queue: 1/\d+")).first.wait_for()
         first.locator("#cancel").click()
-        second.locator("#slider img").nth(1).wait_for(timeout=60_000)
+        second.locator("#slider img").nth(1).wait_for(timeout=SLOW)
     finally:
         second.context.close()
 
-    lines = log_lines(log, since)
-    stopped = [line for line in lines if line[2] == "stopped"]
+    lines = job_lines(log, since)
+    stopped = [(i, s, what) for i, (s, what) in enumerate(lines) if what.startswith("stopped")]
     assert len(stopped) == 1, lines
-    first_session = stopped[0][1]
-    ran = [line for line in lines if line[1] == first_session and line[2] == "step"]
-    assert 1 <= len(ran) < 60 and stopped[0][3] == f"after {len(ran)}/60"
-    second_steps = [line for line in lines if line[1] != first_session and line[2] == "step"]
-    # the second job ran only once the first one's thread had let the model go
-    assert second_steps and min(t for t, *_ in second_steps) > stopped[0][0]
+    index, first_session, what = stopped[0]
+    steps = int(re.fullmatch(r"stopped after (\d+) steps", what).group(1))
+    assert 1 <= steps < 1000
+    second = [(i, what) for i, (s, what) in enumerate(lines) if s != first_session]
+    started = [i for i, what in second if what == "started"]
+    # the second job started only once the first one's thread had let the model go
+    assert started and started[0] > index, lines
+    assert second[-1][1].startswith("done in"), lines
