@@ -69,7 +69,7 @@ ABSENT = {
     "folder, in the server's one process, with its own progress bar",
 }
 # A value of these kinds names a file of the server: never asked for by the page.
-FILE_METAVARS = ("PATH", "DIR", "CSV", "YAML", "NAME_OR_YAML")
+FILE_METAVARS = ("PATH", "DIR", "CSV", "YAML", "NAME_OR_YAML", "DIR_OR_REPO")
 _FILE_VALUE = "names a file on the server; a page does not choose the server's files"
 
 

@@ -24,24 +24,24 @@ from diffbir.pipeline.jobs import Report, plan_jobs
 from diffbir.pipeline.loading import ModelPlan, load_restorer
 from diffbir.pipeline.options import InferenceConfig, RunOptions
 from diffbir.pipeline.presets import CONFIG_FILE
-from diffbir.pipeline.restorer import Restorer
-from diffbir.pipeline.runner import EXIT_INTERRUPTED, Runner
+from diffbir.pipeline.runner import EXIT_INTERRUPTED, Models, Runner
 from diffbir.pipeline.sampling import StepCallback
 
 
 class ModelCache:
     """The ``load`` of :class:`~diffbir.pipeline.runner.Runner` that keeps the models of the
     last plan loaded: the same weight files, model configs, precision and device give the
-    same :class:`~diffbir.pipeline.restorer.Restorer`. One set at a time: asking for another
+    same models (a :class:`~diffbir.pipeline.restorer.Restorer`, or the unaligned-face task's
+    :class:`~diffbir.pipeline.faces.FaceRestorer`). One set at a time: asking for another
     (say another version) unloads the previous one first, so memory holds one model."""
 
-    def __init__(self, load: Callable[..., Restorer] = load_restorer) -> None:
+    def __init__(self, load: Callable[..., Models] = load_restorer) -> None:
         self._load = load  # load(plan, device=..., precision=...), as load_restorer
         self._key: tuple[str, str, str] | None = None
-        self._restorer: Restorer | None = None
+        self._restorer: Models | None = None
         self._lock = threading.Lock()
 
-    def __call__(self, plan: ModelPlan, cfg: InferenceConfig, device: torch.device) -> Restorer:
+    def __call__(self, plan: ModelPlan, cfg: InferenceConfig, device: torch.device) -> Models:
         key = (repr(plan), cfg.precision, str(device))
         with self._lock:
             if self._restorer is None or key != self._key:
