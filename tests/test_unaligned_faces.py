@@ -17,10 +17,12 @@ import dataclasses
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
 import tracemalloc
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +32,14 @@ from conftest import MARKER_KEY, OFFICIAL_TINY, REPO_ROOT, marker
 from omegaconf import OmegaConf
 from PIL import Image
 
+from diffbir.captioning import join_prompt
 from diffbir.diffusion import NoiseSchedule
 from diffbir.diffusion.noise import PerImageNoise
-from diffbir.faces import FACE_TEMPLATE, OFFICIAL, FacePaster, plan_faces
+from diffbir.faces import DEFAULT_QUIRKS, FACE_TEMPLATE, OFFICIAL, FacePaster, plan_faces
 from diffbir.faces import networks as face_networks
 from diffbir.faces import paste as paste_module
 from diffbir.faces.paste import resize_background
-from diffbir.pipeline import cli, loading
+from diffbir.pipeline import cli, loading, runner
 from diffbir.pipeline import faces as pipeline_faces
 from diffbir.pipeline.cleaner import target_size
 from diffbir.pipeline.codec import latent_size
@@ -53,6 +56,7 @@ from diffbir.pipeline.jobs import (
 from diffbir.pipeline.loading import build_from_config, build_restorer
 from diffbir.pipeline.options import FaceOptions, InferenceConfig, RestoreOptions, RunOptions
 from diffbir.pipeline.presets import default_config, resolve_config
+from diffbir.pipeline.prompts import PromptRow, read_prompt_rows
 from diffbir.pipeline.resize import enlarge_short_side, resize_bicubic
 from diffbir.pipeline.restorer import RestoreResult
 from diffbir.pipeline.runner import Runner
@@ -64,6 +68,7 @@ from diffbir.pipeline.work import (
     restore_item,
     take_draws,
 )
+from diffbir.tiny_weights import write_tiny_llava
 from diffbir.versions import VERSIONS
 from diffbir.weights import MissingWeightsError
 
@@ -356,6 +361,160 @@ def test_an_earlier_config_without_the_face_options_still_matches(tmp_path) -> N
     other = OmegaConf.structured(dataclasses.replace(cfg, faces=FaceOptions(quirks="corrected")))
     with pytest.raises(ValueError, match=r"other settings \(faces.quirks\)"):
         check_config_record(tmp_path, other, [job], overwrite=False)
+
+
+# ---------------------------------------------------------------------- captions of each face
+
+POS = "best quality"
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory) -> Path:
+    pytest.importorskip("transformers")
+    return write_tiny_llava(tmp_path_factory.mktemp("captioner") / "llava")
+
+
+class CaptionSpy:
+    """Patches the tiny run for the caption tests: LLaVA's captions cut at 8 tokens and the
+    pictures it captions counted; the detector is the two-face stub, a new one per load (kept
+    by weak reference: whether it was freed before the restoration models loaded); the prompts
+    of each background restoration (by key) and each face batch are recorded. The faces are not
+    restored (the crops stand for them: ~10 s a face on the tiny models); the backgrounds are."""
+
+    def __init__(self, monkeypatch, two_faces: StubDetector) -> None:
+        from diffbir.captioning.llava import LlavaCaptioner
+
+        monkeypatch.setitem(LlavaCaptioner.__init__.__kwdefaults__, "max_new_tokens", 8)
+        self.captioned = 0
+        self.detectors: list[weakref.ref] = []
+        self.detector_alive_at_load: list[bool] = []
+        self.backgrounds: dict[str, str] = {}
+        self.faces: list[tuple[str, list[int], list[str]]] = []
+        caption_batch = LlavaCaptioner._caption_batch
+        background = PerImageSeeds.restore
+        load_restorer = runner.load_restorer
+
+        def counting_caption_batch(captioner, images):
+            self.captioned += len(images)
+            return caption_batch(captioner, images)
+
+        def new_detector(path, device):
+            detector = StubDetector(two_faces.rows, two_faces.shape)
+            self.detectors.append(weakref.ref(detector))
+            return detector
+
+        def checking_load(*args, **kwargs):
+            self.detector_alive_at_load += [ref() is not None for ref in self.detectors]
+            return load_restorer(*args, **kwargs)
+
+        def recording_restore(strategy, restorer, lq, keys, prompts, recipe):
+            self.backgrounds.update(zip(keys, prompts, strict=True))
+            return background(strategy, restorer, lq, keys, prompts, recipe)
+
+        def crops_for_faces(strategy, restorer, crops, key, faces, prompts, recipe):
+            self.faces.append((key, list(faces), list(prompts)))
+            return crops[:, None].repeat(1, recipe.samples, 1, 1, 1)
+
+        monkeypatch.setattr(LlavaCaptioner, "_caption_batch", counting_caption_batch)
+        monkeypatch.setattr(loading, "load_detector", new_detector)
+        monkeypatch.setattr(runner, "load_restorer", checking_load)
+        monkeypatch.setattr(PerImageSeeds, "restore", recording_restore)
+        monkeypatch.setattr(PerImageSeeds, "restore_faces", crops_for_faces)
+
+    def reset(self) -> None:
+        self.captioned, self.backgrounds, self.faces = 0, {}, []
+        self.detectors, self.detector_alive_at_load = [], []
+
+
+def _captioned_args(weights: Path, photos: Path, output: Path, llava: Path, *extra: str):
+    return [*_args(weights, photos, output), "--pos-prompt", POS, "--captioner", "llava",
+            "--captioner-model", str(llava), *extra]  # fmt: skip
+
+
+@pytest.fixture
+def face_photos(inputs: Path, tmp_path: Path) -> Path:
+    """a.png with two faces (the stub's), and a_face0.png (a photo without faces) beside it."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(inputs / "a.png", photos / "a.png")
+    shutil.copy(inputs / "b.png", photos / "a_face0.png")
+    return photos
+
+
+def test_each_face_is_captioned_and_restored_with_its_own_prompt(
+    face_setup, face_photos, two_faces, llava_dir, tmp_path, monkeypatch
+) -> None:
+    """The photo and each aligned crop (found as the restoration finds them) are captioned
+    separately, by a detector freed before the restoration models load; each face is restored
+    with its caption's prompt, the background with the photo's; the face rows do not clash
+    with a_face0.png's; a rerun captions and restores nothing, a resumed run reads back."""
+    from diffbir.captioning.llava import LlavaCaptioner
+
+    spy = CaptionSpy(monkeypatch, two_faces)
+    out = tmp_path / "out"
+    argv = _captioned_args(face_setup, face_photos, out, llava_dir)
+    rc, log = _run(argv)
+    assert rc == 0 and "captions: 4 written" in log and "summary: 2 restored" in log, log
+    assert spy.captioned == 4
+    assert spy.detector_alive_at_load == [False]  # the caption stage's detector, freed
+
+    photo = _png(face_photos / "a.png")
+    plan = plan_faces(photo, 1, two_faces, DEFAULT_QUIRKS)
+    assert len(plan.faces) == 2
+    pictures = {"a": photo, "a//face0": plan.crop(0), "a//face1": plan.crop(1),
+                "a_face0": _png(face_photos / "a_face0.png")}  # fmt: skip
+    captions = LlavaCaptioner(llava_dir, max_new_tokens=8).caption(list(pictures.values()))
+    rows = read_prompt_rows(out / "prompts.csv")
+    assert rows == {
+        key: PromptRow(join_prompt(caption, POS), caption)
+        for key, caption in zip(pictures, captions, strict=True)
+    }
+    assert len({rows[key].prompt for key in ("a", "a//face0", "a//face1")}) == 3
+    assert spy.backgrounds == {"a.png": rows["a"].prompt, "a_face0.png": rows["a_face0"].prompt}
+    assert spy.faces == [("a.png", [i], [rows[f"a//face{i}"].prompt]) for i in (0, 1)]
+
+    spy.reset()
+    rc, log = _run(argv)  # nothing left: nothing captioned, nothing restored
+    assert rc == 0 and "summary: 0 restored, 2 skipped" in log, log
+    assert spy.captioned == 0 and spy.backgrounds == {} and spy.faces == []
+    assert spy.detectors == [] and read_prompt_rows(out / "prompts.csv") == rows
+
+    (out / "a.png").unlink()  # resumed: its faces' captions are read back, not made again
+    rc, log = _run(argv)
+    assert rc == 0 and "summary: 1 restored, 1 skipped" in log, log
+    assert spy.captioned == 0 and spy.backgrounds == {"a.png": rows["a"].prompt}
+    assert spy.faces == [("a.png", [i], [rows[f"a//face{i}"].prompt]) for i in (0, 1)]
+
+
+def test_the_users_prompts_give_faces_their_prompts(
+    face_setup, face_photos, two_faces, llava_dir, tmp_path, monkeypatch
+) -> None:
+    """A photo listed in --prompts is not captioned, nor are its faces: they get its prompt,
+    or their own row's, which the run's prompts.csv records."""
+    spy = CaptionSpy(monkeypatch, two_faces)
+    table = tmp_path / "mine.csv"
+    table.write_text('stem,prompt\na,"a family, at dusk"\n')
+    out = tmp_path / "out"
+    rc, log = _run(_captioned_args(face_setup, face_photos, out, llava_dir, "--prompts",
+                                   str(table)))  # fmt: skip
+    assert rc == 0, log
+    assert spy.captioned == 1  # a_face0.png alone
+    assert spy.backgrounds["a.png"] == "a family, at dusk"
+    assert spy.faces == [("a.png", [i], ["a family, at dusk"]) for i in (0, 1)]
+    rows = read_prompt_rows(out / "prompts.csv")
+    assert sorted(rows) == ["a", "a_face0"] and rows["a"].prompt == "a family, at dusk"
+
+    spy.reset()
+    table.write_text('stem,prompt\na,"a family"\na//face1,"an old man, smiling"\n')
+    again = tmp_path / "again"
+    rc, log = _run(_captioned_args(face_setup, face_photos, again, llava_dir, "--prompts",
+                                   str(table)))  # fmt: skip
+    assert rc == 0 and "match no input" not in log, log
+    assert spy.captioned == 1
+    assert spy.faces == [("a.png", [0], ["a family"]), ("a.png", [1], ["an old man, smiling"])]
+    assert read_prompt_rows(again / "prompts.csv")["a//face1"] == PromptRow(
+        "an old man, smiling", ""
+    )
 
 
 # ---------------------------------------------------- draw order, seeds and batching (stand-ins)

@@ -13,21 +13,24 @@ never hold memory together. The positive prompt of a captioned input is
 ``join_prompt(caption, pos_prompt)``, as the official run builds it. An empty caption counts as
 no caption: a resumed run asks for it again (and gets the same text).
 
-What is captioned is a list of :class:`CaptionRequest`: a key (its row in ``prompts.csv``) and
-a loader of the pixels. An input file is one request keyed by its stem (:func:`whole_input`); a
-task that captions parts of a photo (the faces of ``unaligned_face``, as the official run does)
-passes ``plan_captions`` a ``requests_of`` that adds a request per crop under a key of its own,
-and finds each crop's caption under that key; reading back, recording and sharing between
-processes work per request, whatever it shows.
+What is captioned is a list of requests, each a key and the pictures it yields as ``(key,
+pixels)``, each key a row of ``prompts.csv``. An input file is one :class:`CaptionRequest` keyed
+by its stem (:func:`whole_input`). A task that captions parts of a photo (the faces of
+``unaligned_face``, as the official run does) passes ``plan_captions`` a ``requests_of`` that
+adds a :class:`PartsRequest`: the parts are found only when it is loaded (in the caption stage,
+by the process that captions it), each under its :func:`~.prompts.part_key`; those whose
+caption is recorded, or whose prompt ``--prompts`` gives, are skipped. Reading back, recording
+and sharing between processes work per request, whatever it shows.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +50,11 @@ from diffbir.pipeline.presets import CONFIG_FILE, differing_keys
 from diffbir.pipeline.prompts import (
     PROMPTS_FILE,
     PromptRow,
+    part_key,
     prompts_csv,
     read_prompt_rows,
     read_prompts,
+    whole_of,
 )
 from diffbir.pipeline.work import RunInterrupted
 
@@ -62,6 +67,31 @@ class CaptionRequest:
     key: str
     load: Callable[[], np.ndarray]
 
+    def pictures(self) -> Iterator[tuple[str, np.ndarray]]:
+        yield self.key, self.load()
+
+
+@dataclass(frozen=True)
+class PartsRequest:
+    """The parts of input ``stem`` to caption, found when loaded: ``find`` yields ``(part
+    key, pixels)`` of each (as :func:`~.prompts.part_key` of ``stem``); :meth:`pictures` leaves
+    out the keys in ``skip`` (captioned already, or given by ``--prompts``)."""
+
+    stem: str
+    find: Callable[[], Iterator[tuple[str, np.ndarray]]]
+    skip: frozenset[str] = frozenset()
+
+    @property
+    def key(self) -> str:
+        """The request's own key, which no picture has (nor any input)."""
+        return part_key(self.stem, "")
+
+    def pictures(self) -> Iterator[tuple[str, np.ndarray]]:
+        return ((key, image) for key, image in self.find() if key not in self.skip)
+
+
+Request = CaptionRequest | PartsRequest
+
 
 @dataclass
 class CaptionPlan:
@@ -73,24 +103,39 @@ class CaptionPlan:
     pos_prompt: str
     record: Path
     known: dict[str, str]
-    requests: list[CaptionRequest]
+    requests: list[Request]
 
     @property
     def enabled(self) -> bool:
         return self.options.name != "none"
 
     def prompts(self, jobs: Sequence[Job], captions: Mapping[str, str]) -> dict[str, str]:
-        """``{job key: positive prompt}`` of the jobs captioned in ``captions`` (by stem)."""
-        return {
+        """``{job key: positive prompt}`` of the jobs captioned in ``captions`` (by stem), and
+        ``{part key: positive prompt}`` of the parts captioned there."""
+        wholes = {
             job.key: join_prompt(captions[job.stem], self.pos_prompt)
             for job in jobs
             if job.stem in captions
         }
+        parts = {
+            key: join_prompt(caption, self.pos_prompt)
+            for key, caption in captions.items()
+            if whole_of(key) != key
+        }
+        return wholes | parts
 
 
 def whole_input(job: Job) -> list[CaptionRequest]:
     """What an input asks to be captioned by default: the whole image, keyed by its stem."""
     return [CaptionRequest(job.stem, job.load)]
+
+
+def with_parts(
+    find: Callable[[Job], Iterator[tuple[str, np.ndarray]]],
+) -> Callable[[Job], list[Request]]:
+    """The ``requests_of`` of a task that captions parts of each input: the whole input, and
+    the parts ``find(job)`` yields as ``(part key, pixels)`` when loaded."""
+    return lambda job: [*whole_input(job), PartsRequest(job.stem, lambda: find(job))]
 
 
 def _check_caption_settings(output: Path, options: CaptionOptions, known: Mapping) -> None:
@@ -120,11 +165,12 @@ def plan_captions(
     output: Path,
     overwrite: bool,
     device: torch.device,
-    requests_of: Callable[[Job], list[CaptionRequest]] = whole_input,
+    requests_of: Callable[[Job], list[Request]] = whole_input,
 ) -> CaptionPlan:
     """The captioning stage of a run (see the module docstring): the requests of each
     unfinished job that ``--prompts`` does not list, less those whose caption ``output``'s
-    ``prompts.csv`` holds. Raises before anything is written when those captions were made with
+    ``prompts.csv`` holds (a parts request skips its parts recorded there or listed in
+    ``--prompts``). Raises before anything is written when those captions were made with
     other captioner settings or the captioner cannot be built
     (:class:`~diffbir.captioning.MissingCaptionerFilesError` for missing model files)."""
     options = cfg.caption
@@ -138,11 +184,27 @@ def plan_captions(
         job for job in jobs if (overwrite or not job.done()) and job.stem not in listed
     ]  # fmt: skip
     requests = [request for job in wanted for request in requests_of(job)]
+    wholes = {r.key for r in requests if isinstance(r, CaptionRequest)}
+    parted = {r.stem for r in requests if isinstance(r, PartsRequest)}
+
+    def part(key: str) -> bool:  # a part of an input whose parts are captioned
+        return whole_of(key) != key and whole_of(key) in parted
+
     plan.known = {
-        r.key: rows[r.key].caption for r in requests if r.key in rows and rows[r.key].caption
+        key: row.caption
+        for key, row in rows.items()
+        if row.caption and (key in wholes or part(key))
     }
     _check_caption_settings(output, options, plan.known)
-    plan.requests = [r for r in requests if r.key not in plan.known]
+    skip: dict[str, set[str]] = {stem: set() for stem in parted}
+    for key in itertools.chain(plan.known, listed):
+        if part(key):
+            skip[whole_of(key)].add(key)
+    plan.requests = [
+        replace(r, skip=frozenset(skip[r.stem])) if isinstance(r, PartsRequest) else r
+        for r in requests
+        if r.key not in plan.known
+    ]
     if plan.requests:
         check_captioner(
             options.name, model=options.model, precision=options.precision, device=device
@@ -160,13 +222,13 @@ def _build(options: CaptionOptions, device: torch.device) -> Captioner:
     )
 
 
-def _load(request: CaptionRequest) -> np.ndarray | None:
-    """The pixels of ``request``, or None when they cannot be read (the restoration stage
-    reports that input as failed)."""
+def _pictures(request: Request) -> Iterator[tuple[str, np.ndarray]]:
+    """The ``(key, pixels)`` of ``request``; none from a file that cannot be read (the
+    restoration stage reports that input as failed)."""
     try:
-        return request.load()
+        yield from request.pictures()
     except ImageReadError:
-        return None
+        return
 
 
 class CaptionRecord:
@@ -206,11 +268,10 @@ def caption_local(
     plan: CaptionPlan, device: torch.device, stop: threading.Event, progress: bool
 ) -> dict[str, str]:
     """Caption ``plan.requests`` in this process, recording each caption as it arrives;
-    returns ``{key: caption}``. Raises :class:`~diffbir.pipeline.work.RunInterrupted` at the
-    next batch once ``stop`` is set (the captions recorded so far are kept)."""
+    returns ``{key: caption}``. The captioner is built only once there is a picture to caption.
+    Raises :class:`~diffbir.pipeline.work.RunInterrupted` at the next batch once ``stop`` is
+    set (the captions recorded so far are kept)."""
     captions: dict[str, str] = {}
-    if not plan.requests:
-        return captions
     record = CaptionRecord(plan.record, plan.pos_prompt)
     order: deque[str] = deque()
 
@@ -218,13 +279,20 @@ def caption_local(
         for request in plan.requests:
             if stop.is_set():
                 raise RunInterrupted
-            image = _load(request)
-            if image is not None:
-                order.append(request.key)
+            for key, image in _pictures(request):
+                order.append(key)
                 yield image
 
+    pictures = images()
+    first = next(pictures, None)
+    if first is None:
+        return captions
+    parts = any(isinstance(r, PartsRequest) for r in plan.requests)  # counted once found
+    total = None if parts else len(plan.requests)
     with _build(plan.options, device) as captioner:
-        stream = captioner.caption_stream(images(), total=len(plan.requests), progress=progress)
+        stream = captioner.caption_stream(
+            itertools.chain([first], pictures), total=total, progress=progress
+        )
         for caption in stream:
             key = order.popleft()
             record.add(key, caption)
@@ -239,10 +307,10 @@ def _as_is(item: Any) -> Any:
 
 
 class CaptionDataset(Dataset):
-    """Item ``i``: the keys and pixels (numpy, as read) of the readable requests of group
-    ``i``."""
+    """Item ``i``: the keys and pixels (numpy, as read) of the pictures of the readable requests
+    of group ``i``."""
 
-    def __init__(self, groups: Sequence[Sequence[CaptionRequest]]) -> None:
+    def __init__(self, groups: Sequence[Sequence[Request]]) -> None:
         self.groups = groups
 
     def __len__(self) -> int:
@@ -251,9 +319,8 @@ class CaptionDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, list]:
         loaded: dict[str, list] = {"keys": [], "images": []}
         for request in self.groups[index]:
-            image = _load(request)
-            if image is not None:
-                loaded["keys"].append(request.key)
+            for key, image in _pictures(request):
+                loaded["keys"].append(key)
                 loaded["images"].append(image)
         return loaded
 
@@ -262,11 +329,11 @@ class CaptionData(pl.LightningDataModule):
     """Rank 0's requests (as keys) cut into captioner batches; rank ``r`` of ``W`` takes the
     batches ``r, r + W, ...``."""
 
-    def __init__(self, requests: Sequence[CaptionRequest], batch_size: int) -> None:
+    def __init__(self, requests: Sequence[Request], batch_size: int) -> None:
         super().__init__()
         self.requests = {request.key: request for request in requests}
         self.batch_size = batch_size
-        self.groups: list[list[CaptionRequest]] = []
+        self.groups: list[list[Request]] = []
 
     def setup(self, stage: str) -> None:
         keys = list(self.requests) if self.trainer.is_global_zero else None

@@ -17,15 +17,19 @@ restored with the models of a :class:`FaceRestorer` and pasted together as the o
 
 Seeds (``--seed-mode per-image``): the background has the photo's seed (so a photo without faces
 is restored as by the sr task), face ``i`` a seed derived from it (:func:`~.jobs.face_seed`).
-Prompts: each part gets the one :data:`PartPrompt` gives (for now the photo's prompt; captions
-of each face plug in there).
+Prompts: each part gets the one :data:`PartPrompt` gives: :func:`photo_prompt` gives every part
+the photo's; :class:`FacePrompts` gives a face the prompt the run holds under its
+:func:`face_key` (its caption joined with the positive prompt, or its ``--prompts`` row), if
+any. With a captioner, :class:`FaceFinder` finds the faces of each photo before the restoration
+models load, as the restoration will, so that each crop is captioned on its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,9 +44,10 @@ from diffbir.faces.networks import face_network_paths
 from diffbir.pipeline.checks import GIB, memory_limit, memory_problem
 from diffbir.pipeline.cleaner import Cleaner
 from diffbir.pipeline.codec import latent_size
-from diffbir.pipeline.image_io import to_uint8, write_png
-from diffbir.pipeline.jobs import FaceOutputs
+from diffbir.pipeline.image_io import to_tensor, to_uint8, write_png
+from diffbir.pipeline.jobs import FaceOutputs, Job, stem_of
 from diffbir.pipeline.options import FaceOptions, RestoreOptions
+from diffbir.pipeline.prompts import part_key
 from diffbir.pipeline.restorer import Restorer
 from diffbir.pipeline.sampling import StepCallback
 from diffbir.pipeline.work import PerImageSeeds, Recipe, Restored, take_draws
@@ -53,15 +58,87 @@ from diffbir.weights import weight_path
 # on CPU: +0.48 GiB at 1280x1706, +1.8 GiB at 2560x3413 (random weights, peak resident memory).
 DETECTOR_BYTES_PER_PIXEL = 225
 
-# The positive prompt of one part of a photo: (the photo's prompt, the face's index in detection
-# order or None for the background, the part's low-quality image: the aligned crop (512, 512, 3)
-# or the photo, uint8 RGB) -> the part's prompt.
-PartPrompt = Callable[[str, int | None, np.ndarray], str]
+# The positive prompt of one part of a photo: (the photo's key, its prompt, the face's index in
+# detection order or None for the background, the part's low-quality image: the aligned crop
+# (512, 512, 3) or the photo, uint8 RGB) -> the part's prompt.
+PartPrompt = Callable[[str, str, int | None, np.ndarray], str]
 
 
-def photo_prompt(prompt: str, face: int | None, image: np.ndarray) -> str:
+def photo_prompt(key: str, prompt: str, face: int | None, image: np.ndarray) -> str:
     """Every face and the background get the photo's prompt."""
     return prompt
+
+
+def face_key(stem: str, face: int) -> str:
+    """The key of face ``face`` (detection order) of the photo ``stem``, its row in
+    ``prompts.csv``: ``sub/a//face0`` (see :mod:`~diffbir.pipeline.prompts`)."""
+    return part_key(stem, f"face{face}")
+
+
+@dataclass(frozen=True)
+class FacePrompts:
+    """A :data:`PartPrompt`: a face whose :func:`face_key` ``prompts`` holds gets that prompt;
+    the other faces and the background get the photo's."""
+
+    prompts: Mapping[str, str]
+
+    def __call__(self, key: str, prompt: str, face: int | None, image: np.ndarray) -> str:
+        if face is None:
+            return prompt
+        return self.prompts.get(face_key(stem_of(key), face), prompt)
+
+
+def find_faces(
+    photo: np.ndarray, upscale: float, detect: Detector, device: torch.device, quirks: str
+) -> FacePlan:
+    """The faces of ``photo`` (uint8 RGB) restored at ``upscale``, with the ``quirks`` of
+    ``--face-quirks``; a photo whose detector input cannot fit on ``device`` is refused first."""
+    height, width = (side * upscale for side in photo.shape[:2])
+    scale = max(1.0, DETECTOR_SIDE / min(height, width))
+    need = height * width * scale**2 * DETECTOR_BYTES_PER_PIXEL
+    limit = memory_limit(device)
+    if need > limit:
+        raise ValueError(
+            f"faces: the face detector runs on the whole upscaled photo "
+            f"({width * scale:.0f}x{height * scale:.0f}, as the official) and needs about "
+            f"{need / GIB:.1f} GiB, more than the {limit / GIB:.1f} GiB here; use a "
+            "smaller --upscale"
+        )
+    return plan_faces(photo, upscale, detect, FACE_QUIRKS[quirks])
+
+
+class FaceFinder:
+    """The faces of photos as their restoration will find them, in the caption stage (before
+    the restoration models load): ``load(device)`` gives the detector alone (not the parser),
+    loaded at the first photo on ``device`` and freed by :meth:`close`."""
+
+    def __init__(
+        self, load: Callable[[torch.device], Detector], options: FaceOptions, upscale: float
+    ) -> None:
+        self.load = load
+        self.options = options
+        self.upscale = upscale
+        self.device = torch.device("cpu")
+        self.detect: Detector | None = None
+
+    def crops(self, job: Job) -> Iterator[tuple[str, np.ndarray]]:
+        """``(face key, aligned crop)`` of each face of ``job``'s photo, one at a time."""
+        photo = to_uint8(to_tensor(job.load()))  # the photo as the restoration gets it
+        if self.detect is None:
+            self.detect = self.load(self.device)
+        try:
+            plan = find_faces(photo, self.upscale, self.detect, self.device, self.options.quirks)
+        except ValueError:  # its restoration fails with the reason
+            return
+        for batch in plan.crop_batches(1):
+            yield face_key(job.stem, batch.start), batch.crops[0]
+
+    def close(self) -> None:
+        """Free the detector."""
+        self.detect = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 @dataclass(frozen=True)
@@ -218,7 +295,10 @@ class PhotoTask:
         take = self._face_draws(models, recipe)
         for plan in plans:  # several photos only with per-image seeds, where order is free
             recipe.strategy.faces_first(len(plan.faces), take)
-        whole = [self.prompt(p, None, photo) for p, photo in zip(prompts, photos, strict=True)]
+        whole = [
+            self.prompt(key, p, None, photo)
+            for key, p, photo in zip(keys, prompts, photos, strict=True)
+        ]
         conditions, backgrounds = recipe.strategy.restore(
             models.background, lq, keys, whole, recipe
         )
@@ -237,20 +317,8 @@ class PhotoTask:
         recipe.strategy.replay(models.background, lq, recipe)
 
     def _plan(self, models: FaceRestorer, photo: np.ndarray, recipe: Recipe) -> FacePlan:
-        """The photo's faces; a photo whose detector input cannot fit is refused first."""
-        upscale = recipe.options.upscale
-        height, width = (side * upscale for side in photo.shape[:2])
-        scale = max(1.0, DETECTOR_SIDE / min(height, width))
-        need = height * width * scale**2 * DETECTOR_BYTES_PER_PIXEL
-        limit = memory_limit(models.device)
-        if need > limit:
-            raise ValueError(
-                f"faces: the face detector runs on the whole upscaled photo "
-                f"({width * scale:.0f}x{height * scale:.0f}, as the official) and needs about "
-                f"{need / GIB:.1f} GiB, more than the {limit / GIB:.1f} GiB here; use a "
-                "smaller --upscale"
-            )
-        return plan_faces(photo, upscale, models.detect, FACE_QUIRKS[self.options.quirks])
+        upscale, quirks = recipe.options.upscale, self.options.quirks
+        return find_faces(photo, upscale, models.detect, models.device, quirks)
 
     def _face_draws(
         self, models: FaceRestorer, recipe: Recipe
@@ -278,7 +346,7 @@ class PhotoTask:
         for batch in plan.crop_batches(self.options.batch):
             crops = torch.from_numpy(batch.crops).permute(0, 3, 1, 2).float() / 255
             prompts = [
-                self.prompt(prompt, i, crop)
+                self.prompt(key, prompt, i, crop)
                 for i, crop in zip(batch.indices, batch.crops, strict=True)
             ]
             restored = recipe.strategy.restore_faces(

@@ -36,6 +36,7 @@ from diffbir.pipeline.prompts import (
     prompts_csv,
     read_prompt_rows,
     read_prompts,
+    whole_of,
 )
 from diffbir.pipeline.samples import SAMPLE_NAMES, load_sample
 from diffbir.versions import UNALIGNED_FACE
@@ -85,6 +86,11 @@ class FaceOutputs:
         return self.restored.with_name(name)
 
 
+def stem_of(key: str) -> str:
+    """An input's key (relative path) without its extension: how ``--prompts`` names it."""
+    return Path(key).with_suffix("").as_posix()
+
+
 @dataclass
 class Job:
     """One input image: ``key`` (relative path, seeds the RNG), how to load it, where its
@@ -101,7 +107,7 @@ class Job:
     @property
     def stem(self) -> str:
         """The key without its extension: how ``--prompts`` names this input."""
-        return Path(self.key).with_suffix("").as_posix()
+        return stem_of(self.key)
 
     def done(self) -> bool:
         """Whether every output is there (a photo's faces are written before it, with its
@@ -286,14 +292,17 @@ def plan_jobs(run: RunOptions, cfg: InferenceConfig, report: Report) -> list[Job
 
 def job_prompts(cfg: InferenceConfig, jobs: list[Job]) -> dict[str, str]:
     """The positive prompt of each job's key: from ``--prompts`` when listed there (by stem),
-    else ``restore.pos_prompt``. Stems of the CSV that match no input are reported."""
+    else ``restore.pos_prompt``; and the prompts ``--prompts`` gives parts of the inputs (by
+    :func:`~.prompts.part_key`, e.g. faces). Stems of the CSV that match no input are
+    reported."""
     listed = read_prompts(cfg.prompts) if cfg.prompts else {}
     stems = {job.stem for job in jobs}
-    unused = [stem for stem in listed if stem not in stems]
+    unused = [stem for stem in listed if whole_of(stem) not in stems]
     if unused:
         shown = ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else "")
         print(f"warning: --prompts: {len(unused)} stem(s) match no input: {shown}", file=sys.stderr)
-    return {job.key: listed.get(job.stem, cfg.restore.pos_prompt) for job in jobs}
+    parts = {key: p for key, p in listed.items() if key != whole_of(key) and whole_of(key) in stems}
+    return {job.key: listed.get(job.stem, cfg.restore.pos_prompt) for job in jobs} | parts
 
 
 def check_config_record(output: Path, cfg: DictConfig, jobs: list[Job], overwrite: bool) -> None:
@@ -328,9 +337,10 @@ def record_run(
 ) -> None:
     """Write ``config.yaml`` and ``prompts.csv`` beside the outputs before any work (checked
     by :func:`check_config_record` first). Rows of ``prompts.csv`` for skipped inputs keep the
-    prompt (and caption) they were made with; ``captions``: the caption of a stem whose prompt
-    was made from one; stems in ``uncaptioned`` (captions still to make) get no row until their
-    caption is recorded."""
+    prompt (and caption) they were made with; ``captions``: the caption of a stem (or part key)
+    whose prompt was made from one; stems in ``uncaptioned`` (captions still to make) get no
+    row until their caption is recorded. ``prompts`` may also hold the prompts of parts of the
+    inputs (by part key): each gets its row, as its input does."""
     write_text(output / CONFIG_FILE, dump(cfg))
     prompts_path = output / PROMPTS_FILE
     rows = {}
@@ -343,4 +353,8 @@ def record_run(
             rows.pop(job.stem, None)
         elif job.stem in redone or job.stem not in rows:
             rows[job.stem] = PromptRow(prompts[job.key], captions.get(job.stem, ""))
+    for key, prompt in prompts.items():
+        stem = whole_of(key)
+        if stem != key and (stem in redone or key not in rows):
+            rows[key] = PromptRow(prompt, captions.get(key, ""))
     write_text(prompts_path, prompts_csv(rows))

@@ -20,6 +20,7 @@ from diffbir.checkpoint import (
 )
 from diffbir.config import build_model, load_config
 from diffbir.diffusion import NoiseSchedule
+from diffbir.faces import Detector
 from diffbir.faces.networks import load_detector, load_parser
 from diffbir.pipeline.cleaner import Cleaner
 from diffbir.pipeline.device import PRECISIONS, resolve_device, warn_if_slow_precision
@@ -299,9 +300,17 @@ def load_restorer(
     return FaceRestorer(
         restorer,
         restorer.with_cleaner(_cleaner(face_model, version, "face")),
-        load_detector(faces.detector, device),
+        load_face_detector(plan, device),
         load_parser(faces.parser, device),
     )
+
+
+def load_face_detector(plan: ModelPlan, device: torch.device) -> Detector:
+    """The face detector of an unaligned-face plan alone (the caption stage finds the faces
+    with it before the other models load)."""
+    if plan.faces is None:
+        raise ValueError(f"task {plan.task}: no face detector")
+    return load_detector(plan.faces.detector, device)
 
 
 def _load_stage1(

@@ -7,6 +7,13 @@ a captioned input ``caption, pos_prompt``, as the official run joins them; for o
 ``--prompts``, that file's prompt; else ``pos_prompt``), ``caption`` the captioner's text it was
 made from (empty when not captioned). The file can be given back as ``--prompts`` (its
 ``caption`` column is then ignored), so a user can caption once, edit the prompts and restore.
+
+A part of an input with a prompt of its own (a face of ``--task unaligned_face``) has a row
+keyed by :func:`part_key`: the input's stem, ``//`` and the part's name (``sub/a//face0``). No
+stem holds ``//``: a stem is a relative path made by pathlib, which never keeps an empty folder
+name, so a part's key never clashes with an input's (``sub/a_face0.png`` is the stem
+``sub/a_face0``), and the stem it belongs to is what comes before the first ``//``
+(:func:`whole_of`).
 """
 
 from __future__ import annotations
@@ -21,6 +28,17 @@ from pathlib import Path
 PROMPTS_FILE = "prompts.csv"
 HEADER = ("stem", "prompt")
 RECORD_HEADER = ("stem", "prompt", "caption")
+PART_SEPARATOR = "//"
+
+
+def part_key(stem: str, part: str) -> str:
+    """The key of part ``part`` of the input ``stem`` (its row in ``prompts.csv``)."""
+    return f"{stem}{PART_SEPARATOR}{part}"
+
+
+def whole_of(key: str) -> str:
+    """The stem of the input a key belongs to: the key itself for an input's own row."""
+    return key.split(PART_SEPARATOR, 1)[0]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +38,11 @@ from diffbir.pipeline.captions import (
     caption_distributed,
     caption_local,
     plan_captions,
+    whole_input,
+    with_parts,
 )
 from diffbir.pipeline.device import resolve_device, retain_cpu_heap
-from diffbir.pipeline.faces import FaceRestorer, PhotoTask
+from diffbir.pipeline.faces import FaceFinder, FacePrompts, FaceRestorer, PhotoTask
 from diffbir.pipeline.jobs import (
     Job,
     Report,
@@ -49,7 +51,13 @@ from diffbir.pipeline.jobs import (
     plan_jobs,
     record_run,
 )
-from diffbir.pipeline.loading import ModelPlan, check_paths, load_restorer, plan_from_config
+from diffbir.pipeline.loading import (
+    ModelPlan,
+    check_paths,
+    load_face_detector,
+    load_restorer,
+    plan_from_config,
+)
 from diffbir.pipeline.options import InferenceConfig, RunOptions
 from diffbir.pipeline.predict import (
     die_with_parent,
@@ -85,8 +93,10 @@ LoadModels = Callable[[ModelPlan, InferenceConfig, torch.device], Models]
 
 @dataclass
 class RunPlan:
-    """What :meth:`Runner.prepare` found: where the run goes, its jobs, their prompts, the
-    models it will load and its captioning stage."""
+    """What :meth:`Runner.prepare` found: where the run goes, its jobs, their prompts (by job
+    key, and by part key for the parts with a prompt of their own), the models it will load
+    and its captioning stage (``faces``: what finds the faces to caption, for the
+    unaligned-face task)."""
 
     device: torch.device
     processes: int
@@ -95,6 +105,7 @@ class RunPlan:
     models: ModelPlan
     report: Report
     captions: CaptionPlan
+    faces: FaceFinder | None = None
 
 
 @dataclass
@@ -186,11 +197,18 @@ class Runner:
         check_output_folder(run.output)
         check_config_record(self.output, OmegaConf.structured(cfg), jobs, run.overwrite)
         check_paths(models)
+        faces, requests_of = None, whole_input
+        if cfg.task == UNALIGNED_FACE and cfg.caption.name != "none":  # each face captioned too
+            faces = FaceFinder(
+                lambda on: load_face_detector(models, on), cfg.faces, cfg.restore.upscale
+            )
+            requests_of = with_parts(faces.crops)
         captions = plan_captions(
-            cfg, jobs, output=self.output, overwrite=run.overwrite, device=device
-        )
+            cfg, jobs, output=self.output, overwrite=run.overwrite, device=device,
+            requests_of=requests_of,
+        )  # fmt: skip
         prompts.update(captions.prompts(jobs, captions.known))
-        return RunPlan(device, processes, jobs, prompts, models, report, captions)
+        return RunPlan(device, processes, jobs, prompts, models, report, captions, faces)
 
     # ----- the run -----
     def run(self) -> RunResult:
@@ -234,7 +252,7 @@ class Runner:
         items = strategy.items(plan.jobs, todo, self.cfg.batch_size)
         recipe = Recipe(
             self.cfg.restore, self.cfg.num_samples, plan.prompts, strategy,
-            stop_on(self.stop, self.on_step), self._task(),
+            stop_on(self.stop, self.on_step), self._task(plan.prompts),
         )  # fmt: skip
         writer = OutputWriter({job.key: job for job in plan.jobs}, Report())
         if trainer is not None:
@@ -253,18 +271,27 @@ class Runner:
         stage = plan.captions
         if not stage.enabled:
             return
-        if trainer is None:
-            with stop_requests(self.stop):
-                captions = caption_local(stage, plan.device, self.stop, self.options.progress)
-        else:  # every rank, even with nothing to caption: the processes start here
-            with stop_requests(self.stop, on_first=lambda: forward_interrupt(trainer)):
-                captions = caption_distributed(stage, trainer, plan.device, self.stop)
+        if plan.faces is not None:  # the detector goes on this rank's device, at the first photo
+            plan.faces.device = placement_device(plan.device, plan.processes)
+        try:
+            if trainer is None:
+                with stop_requests(self.stop):
+                    captions = caption_local(stage, plan.device, self.stop, self.options.progress)
+            else:  # every rank, even with nothing to caption: the processes start here
+                with stop_requests(self.stop, on_first=lambda: forward_interrupt(trainer)):
+                    captions = caption_distributed(stage, trainer, plan.device, self.stop)
+        finally:
+            if plan.faces is not None:
+                plan.faces.close()
         plan.prompts.update(stage.prompts(plan.jobs, captions))
 
-    def _task(self) -> Task:
-        """What restoring an input means (a photo and its faces, or one image)."""
+    def _task(self, prompts: Mapping[str, str]) -> Task:
+        """What restoring an input means (a photo and its faces, or one image); ``prompts``:
+        the run's, by job key and part key."""
         if self.cfg.task == UNALIGNED_FACE:
-            return PhotoTask(self.cfg.faces, keep=self.options.save_faces)
+            return PhotoTask(
+                self.cfg.faces, keep=self.options.save_faces, prompt=FacePrompts(prompts)
+            )
         return ImageTask()
 
     def _run_local(
