@@ -208,17 +208,25 @@ def browser_page(chromium, artefacts_dir: Path, request):
         shot = artefacts_dir / (request.node.name.replace("/", "_") + ".png")
         try:
             page.screenshot(path=str(shot), full_page=True)
-            SCREENSHOTS.append(shot)
+            request.node.user_properties.append((SCREENSHOT, str(shot)))
         finally:
             context.close()
 
 
-SCREENSHOTS: list[Path] = []
+SCREENSHOT = "screenshot"  # a test report's property: a screenshot's path
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """The paths of the screenshots taken, after the results (a test's own output is captured)."""
-    if SCREENSHOTS:
+    """The paths of the screenshots taken, after the results (a test's own output is captured).
+    They travel with the test reports, so a run over several workers (``-n``) lists them too."""
+    shots = dict.fromkeys(
+        value
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        for key, value in getattr(report, "user_properties", ())
+        if key == SCREENSHOT
+    )
+    if shots:
         terminalreporter.write_sep("-", "browser test screenshots")
-        for shot in SCREENSHOTS:
-            terminalreporter.write_line(str(shot))
+        for shot in shots:
+            terminalreporter.write_line(shot)
