@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import re
 import shutil
@@ -366,6 +367,7 @@ def test_an_earlier_config_without_the_face_options_still_matches(tmp_path) -> N
 # ---------------------------------------------------------------------- captions of each face
 
 POS = "best quality"
+SHORT_CAPTIONS = 8  # new tokens per caption of the tiny LLaVA (a fraction of a second)
 
 
 @pytest.fixture(scope="module")
@@ -375,7 +377,7 @@ def llava_dir(tmp_path_factory) -> Path:
 
 
 class CaptionSpy:
-    """Patches the tiny run for the caption tests: LLaVA's captions cut at 8 tokens and the
+    """Patches the tiny run for the caption tests: LLaVA's captions cut short and the
     pictures it captions counted; the detector is the two-face stub, a new one per load (kept
     by weak reference: whether it was freed before the restoration models loaded); the prompts
     of each background restoration (by key) and each face batch are recorded. The faces are not
@@ -384,7 +386,8 @@ class CaptionSpy:
     def __init__(self, monkeypatch, two_faces: StubDetector) -> None:
         from diffbir.captioning.llava import LlavaCaptioner
 
-        monkeypatch.setitem(LlavaCaptioner.__init__.__kwdefaults__, "max_new_tokens", 8)
+        defaults = LlavaCaptioner.__init__.__kwdefaults__
+        monkeypatch.setitem(defaults, "max_new_tokens", SHORT_CAPTIONS)
         self.captioned = 0
         self.detectors: list[weakref.ref] = []
         self.detector_alive_at_load: list[bool] = []
@@ -431,6 +434,25 @@ def _captioned_args(weights: Path, photos: Path, output: Path, llava: Path, *ext
             "--captioner-model", str(llava), *extra]  # fmt: skip
 
 
+def _face_caption_rows(photos: Path, detector: StubDetector, llava: Path) -> dict[str, PromptRow]:
+    """The rows a captioned run writes to prompts.csv for ``face_photos``: what the tiny LLaVA
+    captions for a.png, each aligned crop of its faces (``detector``'s) and a_face0.png, each
+    joined with the positive prompt."""
+    from diffbir.captioning.llava import LlavaCaptioner
+
+    photo = _png(photos / "a.png")
+    plan = plan_faces(photo, 1, detector, DEFAULT_QUIRKS)
+    assert len(plan.faces) == 2
+    pictures = {"a": photo, "a//face0": plan.crop(0), "a//face1": plan.crop(1),
+                "a_face0": _png(photos / "a_face0.png")}  # fmt: skip
+    captioner = LlavaCaptioner(llava, max_new_tokens=SHORT_CAPTIONS)
+    captions = captioner.caption(list(pictures.values()))
+    return {
+        key: PromptRow(join_prompt(caption, POS), caption)
+        for key, caption in zip(pictures, captions, strict=True)
+    }
+
+
 @pytest.fixture
 def face_photos(inputs: Path, tmp_path: Path) -> Path:
     """a.png with two faces (the stub's), and a_face0.png (a photo without faces) beside it."""
@@ -448,8 +470,6 @@ def test_each_face_is_captioned_and_restored_with_its_own_prompt(
     separately, by a detector freed before the restoration models load; each face is restored
     with its caption's prompt, the background with the photo's; the face rows do not clash
     with a_face0.png's; a rerun captions and restores nothing, a resumed run reads back."""
-    from diffbir.captioning.llava import LlavaCaptioner
-
     spy = CaptionSpy(monkeypatch, two_faces)
     out = tmp_path / "out"
     argv = _captioned_args(face_setup, face_photos, out, llava_dir)
@@ -458,17 +478,8 @@ def test_each_face_is_captioned_and_restored_with_its_own_prompt(
     assert spy.captioned == 4
     assert spy.detector_alive_at_load == [False]  # the caption stage's detector, freed
 
-    photo = _png(face_photos / "a.png")
-    plan = plan_faces(photo, 1, two_faces, DEFAULT_QUIRKS)
-    assert len(plan.faces) == 2
-    pictures = {"a": photo, "a//face0": plan.crop(0), "a//face1": plan.crop(1),
-                "a_face0": _png(face_photos / "a_face0.png")}  # fmt: skip
-    captions = LlavaCaptioner(llava_dir, max_new_tokens=8).caption(list(pictures.values()))
     rows = read_prompt_rows(out / "prompts.csv")
-    assert rows == {
-        key: PromptRow(join_prompt(caption, POS), caption)
-        for key, caption in zip(pictures, captions, strict=True)
-    }
+    assert rows == _face_caption_rows(face_photos, two_faces, llava_dir)
     assert len({rows[key].prompt for key in ("a", "a//face0", "a//face1")}) == 3
     assert spy.backgrounds == {"a.png": rows["a"].prompt, "a_face0.png": rows["a_face0"].prompt}
     assert spy.faces == [("a.png", [i], [rows[f"a//face{i}"].prompt]) for i in (0, 1)]
@@ -695,9 +706,11 @@ def test_a_photo_too_large_for_its_faces_fails_with_the_reason(
 
 # ------------------------------------------------------------------------- many processes
 
-# the patches of `face_setup` and `tiny_configs` in the processes Lightning starts: it starts
-# rank 1 by running this script again with the same arguments
+# the patches of `face_setup`, `tiny_configs` and `CaptionSpy` (short captions, and the crops
+# for the faces with their prompts printed when asked) in the processes Lightning starts: it
+# starts rank 1 by running this script again with the same arguments
 SCRIPT = """
+import json
 import sys
 from pathlib import Path
 
@@ -705,41 +718,74 @@ import numpy as np
 from facexlib.parsing.parsenet import ParseNet
 
 from diffbir import config
+from diffbir.captioning.llava import LlavaCaptioner
 from diffbir.faces import networks
 from diffbir.pipeline import cli, loading
+from diffbir.pipeline.work import PerImageSeeds
 
-ROWS = np.load(sys.argv[1])
+STUB = np.load(sys.argv[1])
+ROWS, SHAPE = STUB["rows"], tuple(int(n) for n in STUB["shape"])
 
 
 def detect(image):
-    return ROWS[1:] if image.shape[:2] == (640, 853) else np.zeros((0, 15), np.float32)
+    return ROWS if image.shape[:2] == SHAPE else np.zeros((0, 15), np.float32)
 
 
 config.CONFIG_ROOT = Path(sys.argv[2])
 networks._parsenet = lambda: ParseNet(512, 512, parsing_ch=19, **{tiny})
 loading.load_detector = lambda path, device: detect
+LlavaCaptioner.__init__.__kwdefaults__["max_new_tokens"] = {short}
+if STUB["crops_for_faces"]:
+
+    def crops_for_faces(strategy, restorer, crops, key, faces, prompts, recipe):
+        print("{faces_line}", json.dumps([key, list(faces), list(prompts)]), flush=True)
+        return crops[:, None].repeat(1, recipe.samples, 1, 1, 1)
+
+    PerImageSeeds.restore_faces = crops_for_faces
 sys.exit(cli.main(sys.argv[3:]))
 """
 
 
+FACES_LINE = "restoring faces:"  # what the crops for the faces print: key, faces, prompts
+
+
+def _two_processes(
+    detector: StubDetector, tiny_configs: Path, folder: Path, args: list[str],
+    crops_for_faces: bool = False,
+) -> subprocess.CompletedProcess:  # fmt: skip
+    """The run of ``args`` on 2 processes (``--devices 2``), started as a new process with the
+    patches of the tiny run and ``detector`` as the stub (its script and files in ``folder``);
+    ``crops_for_faces``: the faces are not restored, their crops stand for them (as with
+    `CaptionSpy`), and each face batch prints ``FACES_LINE`` with its key, faces and prompts."""
+    script = folder / "faces_run.py"
+    script.write_text(
+        textwrap.dedent(SCRIPT)
+        .replace("{tiny}", repr(TINY_PARSENET))
+        .replace("{short}", str(SHORT_CAPTIONS))
+        .replace("{faces_line}", FACES_LINE)
+    )
+    stub = folder / "detector.npz"
+    np.savez(
+        stub, rows=detector.rows, shape=np.array(detector.shape), crops_for_faces=crops_for_faces
+    )
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    return subprocess.run(
+        [sys.executable, str(script), str(stub), str(tiny_configs), *args, "--devices", "2"],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+
+
 def test_two_processes_keep_each_photo_with_its_faces(
-    first_run, face_setup, inputs, case, tiny_configs, tmp_path
+    first_run, face_setup, inputs, detector, tiny_configs, tmp_path
 ) -> None:
     """Lightning's 2 processes (gloo): each photo, its faces and its face outputs come from one
     rank, byte-equal to the 1-process run; rank 0 sums the faces of both ranks."""
     output, *_ = first_run
-    script = tmp_path / "faces_run.py"
-    script.write_text(textwrap.dedent(SCRIPT).replace("{tiny}", repr(TINY_PARSENET)))
-    rows = tmp_path / "rows.npy"
-    np.save(rows, case["injected"].numpy())
     out = tmp_path / "two"
-    args = _args(face_setup, inputs, out, "--save-faces", "--devices", "2")
-    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    done = subprocess.run(
-        [sys.executable, str(script), str(rows), str(tiny_configs), *args], env=env,
-        capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+    done = _two_processes(
+        detector, tiny_configs, tmp_path, _args(face_setup, inputs, out, "--save-faces")
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("summary:") == 1 and "faces: 1 in 2 photo(s)" in done.stdout
     assert re.findall(r"rank \d: (\d+) restored", done.stdout) == ["1", "1"]
@@ -747,3 +793,36 @@ def test_two_processes_keep_each_photo_with_its_faces(
     assert written == sorted(p.relative_to(output) for p in output.rglob("*.png"))
     for name in written:
         assert (out / name).read_bytes() == (output / name).read_bytes(), name
+
+
+def test_two_processes_caption_their_shares_of_the_photos_and_faces(
+    face_setup, face_photos, two_faces, llava_dir, tiny_configs, tmp_path, monkeypatch
+) -> None:
+    """Lightning's 2 processes (gloo) caption their shares (rank 0 the photos a and a_face0,
+    rank 1 the two faces of a, found by its own detector) into one prompts.csv, each row what
+    one process captions; each rank restores its photo with the prompts of both ranks: each
+    face with its own caption's, and the photos byte-equal to a 1-process run given that
+    prompts.csv as --prompts (cheaper than a captioned run: no captioner). The faces are not
+    restored in either run (their crops stand for them, as with `CaptionSpy`: ~10 s a face)."""
+    out = tmp_path / "two"
+    args = _captioned_args(face_setup, face_photos, out, llava_dir)
+    done = _two_processes(two_faces, tiny_configs, tmp_path, args, crops_for_faces=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("summary:") == 1 and "summary: 2 restored" in done.stdout
+    assert "captions: 4 written" in done.stdout and "(rank 0: 2, rank 1: 2)" in done.stdout
+    assert re.findall(r"rank \d: (\d+) restored", done.stdout) == ["1", "1"]
+    rows = read_prompt_rows(out / "prompts.csv")
+    assert rows == _face_caption_rows(face_photos, two_faces, llava_dir)
+    faces = [json.loads(line.removeprefix(FACES_LINE)) for line in done.stdout.splitlines()
+             if line.startswith(FACES_LINE)]  # fmt: skip
+    assert faces == [["a.png", [i], [rows[f"a//face{i}"].prompt]] for i in (0, 1)]
+
+    spy = CaptionSpy(monkeypatch, two_faces)
+    one = tmp_path / "one"
+    rc, log = _run(_args(face_setup, face_photos, one, "--prompts", str(out / "prompts.csv")))
+    assert rc == 0 and "faces: 2 in 2 photo(s)" in log, log
+    assert spy.captioned == 0 and [list(face) for face in spy.faces] == faces
+    written = sorted(p.name for p in out.glob("*.png"))
+    assert written == ["a.png", "a_face0.png"] == sorted(p.name for p in one.glob("*.png"))
+    for name in written:
+        assert (out / name).read_bytes() == (one / name).read_bytes(), name
